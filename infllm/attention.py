@@ -1,0 +1,577 @@
+"""InfLLM-V2 attention inside Hugging Face decoders, with no new parameters.
+
+The swap registers one attention function with transformers' `AttentionInterface` under two names:
+"infllm_v2" (the dense/sparse switch of ../shared/infllm_v2.md, per document by `dense_len`) and
+"infllm_dense" (always dense). The model keeps its own q/k/v/o projections, RoPE and softmax scale: HF
+computes q/k/v, applies RoPE, updates the KV cache, and hands us
+
+    query [B, H_q, L_q, d], key / value [B, H_kv, L_k, d], scaling (the model's softmax scale)
+
+We flatten to FlashAttention's varlen layout `[N = B * L, H, d]` and call the public functions of `kernels/`.
+A mask function that returns no mask is registered under the same names, so transformers never builds an
+[L, L] mask for these models.
+
+Document boundaries, in this order of preference:
+  1. `cu_seq_lens_q` + `max_length_q` in the forward kwargs (`PackedBatch.model_kwargs()` passes them):
+     used as is, no host sync.
+  2. `position_ids`: a new document starts at each row start and wherever a position is not its
+     predecessor + 1 (positions restart at 0 per packed document). Deriving the boundaries needs their count,
+     so this costs one device-to-host copy per forward (cached across the layers of that forward).
+  3. neither: every row is one document (no sync).
+Attention never crosses a document, in dense and sparse mode alike.
+
+Generation with a KV cache (L_q != L_k) and batches with padding (a 2D `attention_mask` with zeros) fall back
+to dense SDPA over the cache: selection over a cache is not implemented yet, so decode steps after a sparse
+prefill attend densely (documented in the report of issue 3; prefill itself is sparse).
+
+Legend: B rows, L tokens per row, N = B * L, H_q / H_kv heads, G = H_q / H_kv, d head dim, T document length,
+Bk = block_size, k_eff = topk + window_size // block_size.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from infllm.config import AttentionConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+ATTN_SPARSE = "infllm_v2"
+ATTN_DENSE = "infllm_dense"
+MODES = ("dense", "sparse", None)
+
+# The fields written to `config.sparse_config`: MiniCPM4's names, then ours.
+SPARSE_CONFIG_FIELDS = ("block_size", "kernel_size", "kernel_stride", "init_blocks", "window_size", "topk",
+                        "dense_len", "use_nope", "lse_approx", "impl")
+
+_RUNTIME_ATTR = "_infllm_attention"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SparseStats:
+    """What the attention did since the last reset, summed over forwards (counted once per forward, at the
+    first decoder layer: every layer sees the same documents).
+
+    density = attended key-blocks / causal key-blocks, over all query tokens (dense documents count as fully
+    attended). A token in block c of a sparse document attends min(c + 1, k_eff) blocks out of c + 1, exactly
+    (the contract selects k_eff blocks whenever c + 1 > k_eff), so it is computed from document lengths.
+    select_ms / attention_ms are filled only when selection timing is on (see `configure_sparse_stats`).
+    """
+    forwards: int = 0
+    sparse_tokens: float = 0.0
+    dense_tokens: float = 0.0
+    attended_blocks: float = 0.0
+    causal_blocks: float = 0.0
+    select_ms: Optional[float] = None
+    attention_ms: Optional[float] = None
+
+    @property
+    def density(self) -> float:
+        return self.attended_blocks / self.causal_blocks if self.causal_blocks else 1.0
+
+    @property
+    def sparse_token_fraction(self) -> float:
+        total = self.sparse_tokens + self.dense_tokens
+        return self.sparse_tokens / total if total else 0.0
+
+    @property
+    def select_fraction(self) -> Optional[float]:
+        if self.select_ms is None or not self.attention_ms:
+            return None
+        return self.select_ms / self.attention_ms
+
+    def as_dict(self, prefix: str = "attn/") -> Dict[str, float]:
+        out = {f"{prefix}density": self.density, f"{prefix}sparse_token_fraction": self.sparse_token_fraction,
+               f"{prefix}sparse_tokens": self.sparse_tokens, f"{prefix}dense_tokens": self.dense_tokens}
+        if self.select_ms is not None:
+            out[f"{prefix}select_ms"] = self.select_ms
+            out[f"{prefix}attention_ms"] = self.attention_ms or 0.0
+            out[f"{prefix}select_fraction"] = self.select_fraction or 0.0
+        return out
+
+
+class _StatsAccumulator:
+    """Device-side running sums: the hot path only launches a few tiny kernels, the host reads them in
+    `snapshot()` (one sync, when the trainer logs)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.time_selection = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.forwards = 0
+        # [sparse_tokens, dense_tokens, attended_blocks, causal_blocks], float64 on the device of the batch
+        self.sums: Optional[torch.Tensor] = None
+        # (kind, start, end): CUDA events, or perf_counter floats on CPU
+        self.timings: List[Tuple[str, Any, Any]] = []
+
+    @torch.no_grad()
+    def add(self, sums: torch.Tensor) -> None:
+        self.forwards += 1
+        if self.sums is None or self.sums.device != sums.device:
+            self.sums = sums.clone() if self.sums is None else self.sums.to(sums.device) + sums
+        else:
+            self.sums += sums
+
+    @contextlib.contextmanager
+    def timer(self, kind: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.timings.append((kind, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.timings.append((kind, t0, time.perf_counter()))
+
+    def snapshot(self) -> SparseStats:
+        stats = SparseStats(forwards=self.forwards)
+        if self.sums is not None:
+            sparse_tokens, dense_tokens, attended, causal = self.sums.tolist()
+            stats.sparse_tokens, stats.dense_tokens = sparse_tokens, dense_tokens
+            stats.attended_blocks, stats.causal_blocks = attended, causal
+        if self.timings:
+            ms = {"select": 0.0, "attention": 0.0}
+            for kind, start, end in self.timings:
+                if isinstance(start, float):
+                    ms[kind] += (end - start) * 1e3
+                else:
+                    end.synchronize()
+                    ms[kind] += start.elapsed_time(end)
+            stats.select_ms, stats.attention_ms = ms["select"], ms["attention"]
+        return stats
+
+
+def _block_counts(lengths: torch.Tensor, block_size: int, k_eff: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per document of length T: (sum over its tokens of min(c + 1, k_eff), sum of c + 1), c = t // Bk.
+    Closed form (no per-token tensors): full blocks nf = T // Bk hold Bk tokens each, the last r = T % Bk."""
+    T = lengths.to(torch.float64)
+    nf = torch.div(lengths, block_size, rounding_mode="floor").to(torch.float64)
+    r = T - nf * block_size
+    causal = block_size * nf * (nf + 1) / 2 + r * (nf + 1)
+    head = torch.clamp(nf, max=k_eff)
+    capped_full = head * (head + 1) / 2 + torch.clamp(nf - k_eff, min=0) * k_eff
+    attended = block_size * capped_full + r * torch.clamp(nf + 1, max=k_eff)
+    return attended, causal
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The per-model runtime: config, mode override, stats, a small cache of derived document boundaries
+# ---------------------------------------------------------------------------------------------------------
+
+class _Runtime:
+    def __init__(self, cfg: AttentionConfig) -> None:
+        self.cfg = cfg
+        self.mode: Optional[str] = None
+        self.stats = _StatsAccumulator()
+        self._bounds_key: Optional[Tuple[Any, ...]] = None
+        self._bounds_value: Optional[Tuple[torch.Tensor, int, bool]] = None
+
+    def effective_mode(self) -> str:
+        """dense | sparse | switch (per document by dense_len)."""
+        if self.mode is not None:
+            return self.mode
+        return "dense" if self.cfg.name == "dense" else "switch"
+
+    def kernel_kwargs(self) -> Dict[str, Any]:
+        c = self.cfg
+        return dict(block_size=c.block_size, kernel_size=c.kernel_size, kernel_stride=c.kernel_stride,
+                    init_blocks=c.init_blocks, window_size=c.window_size, topk=c.topk,
+                    lse_approx=c.lse_approx, impl=c.impl)
+
+
+def _runtime_of(module: torch.nn.Module) -> _Runtime:
+    rt = getattr(module, _RUNTIME_ATTR, None)
+    if rt is None:
+        # Loaded with attn_implementation="infllm_v2" but never passed through apply_attention: build the
+        # config from the checkpoint. Mode switches and stats then act per layer; apply_attention shares them.
+        cfg = attention_config_from_hf(module.config) if hasattr(module, "config") else None
+        if cfg is None:
+            cfg = AttentionConfig(name="dense" if getattr(getattr(module, "config", None), "_attn_implementation",
+                                                          ATTN_SPARSE) == ATTN_DENSE else "infllm_v2")
+        log.warning("infllm attention used on a model that did not go through infllm.attention.apply_attention; "
+                    "using %s per layer (attention_mode and get_sparse_stats need apply_attention)", cfg)
+        rt = _Runtime(cfg)
+        setattr(module, _RUNTIME_ATTR, rt)
+    return rt
+
+
+def _runtimes(model: torch.nn.Module) -> List[_Runtime]:
+    seen: Dict[int, _Runtime] = {}
+    for m in model.modules():
+        rt = getattr(m, _RUNTIME_ATTR, None)
+        if rt is not None:
+            seen.setdefault(id(rt), rt)
+    return list(seen.values())
+
+
+def _model_runtime(model: torch.nn.Module) -> _Runtime:
+    rts = _runtimes(model)
+    if not rts:
+        raise ValueError("this model has no InfLLM attention: call infllm.attention.apply_attention(model, cfg) first")
+    return rts[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Document boundaries
+# ---------------------------------------------------------------------------------------------------------
+
+def _rows_as_documents(B: int, L: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
+
+
+def _bounds_from_positions(rt: _Runtime, position_ids: torch.Tensor, B: int, L: int,
+                           device: torch.device) -> Tuple[torch.Tensor, int, bool]:
+    """(cu_seqlens, max_seqlen, one_doc_per_row) from positions; one host copy, cached for the forward (HF
+    hands the same position_ids tensor to every layer)."""
+    key = (position_ids, position_ids._version, B, L)
+    if _same_key(rt._bounds_key, key):
+        return rt._bounds_value
+    pos = position_ids.expand(B, L).detach().to("cpu", torch.int64)
+    starts = torch.ones(B, L, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    one_per_row = bool(starts[:, 1:].sum() == 0)
+    if one_per_row:
+        cu_cpu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+    else:
+        idx = starts.reshape(-1).nonzero().squeeze(1)
+        cu_cpu = torch.cat([idx, torch.tensor([B * L])]).to(torch.int32)
+    max_seqlen = int((cu_cpu[1:] - cu_cpu[:-1]).max())
+    value = (cu_cpu.to(device, non_blocking=True), max_seqlen, one_per_row)
+    rt._bounds_key, rt._bounds_value = key, value
+    return value
+
+
+def _same_key(old: Optional[Tuple[Any, ...]], new: Tuple[Any, ...]) -> bool:
+    return old is not None and old[0] is new[0] and old[1:] == new[1:]
+
+
+def _document_bounds(rt: _Runtime, kwargs: Dict[str, Any], B: int, L: int,
+                     device: torch.device) -> Tuple[torch.Tensor, int, bool]:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            raise ValueError("cu_seq_lens_q was given without max_length_q (a Python int: the longest document)")
+        if isinstance(max_len, torch.Tensor):  # a host sync; PackedBatch passes an int
+            max_len = int(max_len)
+        if cu.device.type == "cpu" and int(cu[-1]) != B * L:
+            raise ValueError(f"cu_seq_lens_q ends at {int(cu[-1])} but the batch has B * L = {B} * {L} = {B * L} "
+                             "tokens; cu_seqlens must cover the flattened batch")
+        return cu.to(device=device, dtype=torch.int32, non_blocking=True), int(max_len), False
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and L > 1:
+        return _bounds_from_positions(rt, position_ids, B, L, device)
+    return _rows_as_documents(B, L, device), L, True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attention function registered with transformers
+# ---------------------------------------------------------------------------------------------------------
+
+def _refuse_runtime_features(module: torch.nn.Module, dropout: float, is_causal: Optional[bool],
+                             kwargs: Dict[str, Any]) -> None:
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True: InfLLM attention never materialises attention weights; "
+                         "use attn_implementation='eager' to inspect them")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        raise ValueError("non-causal attention (is_causal=False) is not supported by InfLLM attention")
+    if dropout and dropout > 0:
+        raise ValueError(f"attention dropout {dropout} > 0 is not supported by InfLLM attention; "
+                         "set the model config's attention_dropout to 0")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"sliding-window attention (sliding_window={kwargs['sliding_window']}) is not supported "
+                         "by InfLLM attention")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit softcapping is not supported by InfLLM attention")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("attention sinks are not supported by InfLLM attention")
+
+
+def _sdpa_with_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], scaling: Optional[float]) -> torch.Tensor:
+    """Dense causal attention of L_q new tokens over L_k cached keys (generation, or padded batches).
+    Query i sits at absolute position L_k - L_q + i. Returns [B, L_q, H_q, d]."""
+    Lq, Lk = query.shape[2], key.shape[2]
+    mask = None
+    if Lq > 1:
+        offset = Lk - Lq
+        mask = (torch.arange(Lk, device=query.device)[None, :]
+                <= torch.arange(Lq, device=query.device)[:, None] + offset)[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"expected a 2D padding mask [B, L_k] or none, got shape {tuple(attention_mask.shape)}")
+        pad = attention_mask[:, -Lk:].to(torch.bool)[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def _to_varlen(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, d] -> [B * L, H, d] (free when HF's tensor is a transposed view of [B, L, H, d])."""
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B * L, H, d)
+
+
+def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                             scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                             **kwargs: Any) -> Tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; returns ([B, L, H_q, d], None)."""
+    from kernels import infllm_v2_attn_varlen, infllm_v2_select
+    from kernels.dense import dense_attn_varlen
+
+    rt = _runtime_of(module)
+    _refuse_runtime_features(module, dropout, is_causal, kwargs)
+    if query.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"InfLLM attention needs equal q/k/v head dims, got {query.shape[-1]}, "
+                         f"{key.shape[-1]}, {value.shape[-1]}")
+    B, Hq, L, d = query.shape
+    Lk = key.shape[2]
+    if Lk != L or attention_mask is not None:
+        return _sdpa_with_cache(query, key, value, attention_mask, scaling), None
+
+    mode = rt.effective_mode()
+    cfg = rt.cfg
+    cu, max_seqlen, one_per_row = _document_bounds(rt, kwargs, B, L, query.device)
+    if mode == "switch" and cfg.dense_len != -1 and max_seqlen < cfg.dense_len:
+        mode = "dense"  # every document is short: skip selection altogether
+    dense_len = -1 if mode == "sparse" else cfg.dense_len
+
+    acc = rt.stats
+    if acc.enabled and getattr(module, "layer_idx", 0) in (0, None):
+        with torch.no_grad():
+            lengths = cu[1:] - cu[:-1]
+            attended, causal = _block_counts(lengths, cfg.block_size, cfg.k_eff)
+            if mode == "dense":
+                is_sparse = torch.zeros_like(lengths, dtype=torch.bool)
+            elif dense_len == -1:
+                is_sparse = torch.ones_like(lengths, dtype=torch.bool)
+            else:
+                is_sparse = lengths >= dense_len
+            lf = lengths.to(torch.float64)
+            sums = torch.stack([(lf * is_sparse).sum(), (lf * ~is_sparse).sum(),
+                                torch.where(is_sparse, attended, causal).sum(), causal.sum()])
+            acc.add(sums)
+
+    if mode == "dense":
+        if one_per_row:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=Hq != key.shape[1])
+            return out.transpose(1, 2), None
+        out = dense_attn_varlen(_to_varlen(query), _to_varlen(key), _to_varlen(value), cu, max_seqlen,
+                                softmax_scale=scaling, backend=cfg.dense_backend)
+        return out.reshape(B, L, Hq, d), None
+
+    q, k, v = _to_varlen(query), _to_varlen(key), _to_varlen(value)
+    kw = rt.kernel_kwargs()
+    if acc.time_selection and getattr(module, "layer_idx", 0) in (0, None):
+        # Measurement mode: selection is fused into infllm_v2_attn_varlen, so it is timed by one extra call.
+        with torch.no_grad(), acc.timer("select", query.device):
+            infllm_v2_select(q, k, cu, max_seqlen, softmax_scale=scaling, **kw)
+        with acc.timer("attention", query.device):
+            out = infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling, **kw)
+    else:
+        out = infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling, **kw)
+    return out.reshape(B, L, Hq, d), None
+
+
+def infllm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                mask_function: Any = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
+    """Never an [L, L] mask: None, or the 2D [B, L_k] padding mask when some token is padding (generation
+    of padded batches; the attention then falls back to dense SDPA)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register() -> None:
+    """Register both names with transformers (idempotent; done on import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for name in (ATTN_SPARSE, ATTN_DENSE):
+        AttentionInterface.register(name, infllm_attention_forward)
+        AttentionMaskInterface.register(name, infllm_mask)
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Build-time checks and the swap
+# ---------------------------------------------------------------------------------------------------------
+
+def _text_configs(config: Any) -> List[Any]:
+    out = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out.append(sub)
+    return out
+
+
+def check_supported(model: torch.nn.Module, cfg: AttentionConfig) -> None:
+    """Refuse, with the reason, what the attention cannot honour (raised before anything is changed)."""
+    if cfg.name == "infllm_v1":
+        raise ConfigError("attention.name: infllm_v1 (training-free context memory) is not implemented by "
+                          "infllm.attention yet; use dense or infllm_v2")
+    if cfg.use_nope:
+        raise ConfigError("attention.use_nope: scoring blocks with pre-RoPE q/k is not supported yet (transformers "
+                          "applies RoPE before the attention function); set use_nope: false")
+    if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+        raise ConfigError("attention: expected a transformers PreTrainedModel")
+    if not type(model)._can_set_attn_implementation():
+        raise ConfigError(f"attention: {type(model).__name__} does not dispatch through transformers' "
+                          "AttentionInterface, so its attention cannot be swapped")
+    for c in _text_configs(model.config):
+        if getattr(c, "is_encoder_decoder", False):
+            raise ConfigError("attention: encoder-decoder models are not supported (causal decoders only)")
+        if getattr(c, "is_causal", True) is False:
+            raise ConfigError("attention: the model config sets is_causal=False; InfLLM attention is causal only")
+        for key in ("attn_logit_softcapping", "attention_logit_softcapping", "attn_softcapping"):
+            if getattr(c, key, None):
+                raise ConfigError(f"attention: the model uses attention logit softcapping ({key}="
+                                  f"{getattr(c, key)}), which InfLLM attention does not implement")
+        layer_types = getattr(c, "layer_types", None)
+        if layer_types:
+            other = sorted({t for t in layer_types if t != "full_attention"})
+            if other:
+                raise ConfigError(f"attention: the model has {other} layers (config.layer_types); InfLLM attention "
+                                  "replaces full attention only, sliding-window / chunked layers are not supported")
+        window = getattr(c, "sliding_window", None)
+        if window is not None and getattr(c, "use_sliding_window", True) and not layer_types:
+            raise ConfigError(f"attention: the model uses sliding-window attention (config.sliding_window={window}); "
+                              "not supported by InfLLM attention. Set sliding_window to null if the checkpoint "
+                              "does not need it (e.g. Mistral v0.2+)")
+        if getattr(c, "attention_dropout", 0.0):
+            raise ConfigError(f"attention: config.attention_dropout={c.attention_dropout} > 0 is not supported "
+                              "by InfLLM attention; set it to 0")
+        if getattr(c, "output_attentions", False):
+            raise ConfigError("attention: config.output_attentions=True; InfLLM attention never materialises "
+                              "attention weights")
+        v_dim, qk_nope = getattr(c, "v_head_dim", None), getattr(c, "qk_nope_head_dim", None)
+        if v_dim is not None and qk_nope is not None:
+            raise ConfigError("attention: multi-head latent attention (q/k head dim != v head dim, e.g. MiniCPM3 / "
+                              "DeepSeek) is not supported; InfLLM attention needs equal q/k/v head dims")
+    for name, _ in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("sinks", "attention_sinks", "sink"):
+            raise ConfigError(f"attention: the model has learned attention sinks ({name}), which InfLLM attention "
+                              "does not implement")
+
+
+def sparse_config_dict(cfg: AttentionConfig) -> Dict[str, Any]:
+    return {name: getattr(cfg, name) for name in SPARSE_CONFIG_FIELDS}
+
+
+def attention_config_from_hf(hf_config: Any) -> Optional[AttentionConfig]:
+    """The AttentionConfig recorded in a saved model's `sparse_config` (MiniCPM4's field names), else None."""
+    sc = getattr(hf_config, "sparse_config", None)
+    if sc is None:
+        return None
+    sc = dict(sc)
+    known = {f.name for f in fields(AttentionConfig)}
+    unknown = sorted(set(sc) - known)
+    if unknown:
+        log.warning("sparse_config: ignoring unknown fields %s", unknown)
+    values = {k: v for k, v in sc.items() if k in known and k != "name"}
+    return AttentionConfig(name="infllm_v2", **values)
+
+
+def apply_attention(model: torch.nn.Module, attn_cfg: AttentionConfig) -> torch.nn.Module:
+    """Make `model` run InfLLM attention (in place; returns it). Parameters are untouched.
+
+    name=dense -> "infllm_dense" (always dense; `sparse_config` removed from the config),
+    name=infllm_v2 -> "infllm_v2" (switch by dense_len; `config.sparse_config` written for save_pretrained)."""
+    if isinstance(attn_cfg, dict):
+        attn_cfg = AttentionConfig(**attn_cfg)
+    check_supported(model, attn_cfg)
+    impl = ATTN_DENSE if attn_cfg.name == "dense" else ATTN_SPARSE
+    model.set_attn_implementation(impl)
+    if model.config._attn_implementation != impl:
+        raise ConfigError(f"attention: transformers did not accept attn_implementation={impl!r} for "
+                          f"{type(model).__name__} (got {model.config._attn_implementation!r})")
+    rt = _Runtime(attn_cfg)
+    for m in model.modules():
+        setattr(m, _RUNTIME_ATTR, rt)
+    model.config.sparse_config = sparse_config_dict(attn_cfg) if impl == ATTN_SPARSE else None
+    log.info("attention: %s (%s)", impl, ", ".join(f"{k}={v}" for k, v in sparse_config_dict(attn_cfg).items())
+             if impl == ATTN_SPARSE else "dense")
+    return model
+
+
+def attention_config_of(model: torch.nn.Module) -> AttentionConfig:
+    return _model_runtime(model).cfg
+
+
+@contextlib.contextmanager
+def attention_mode(model: torch.nn.Module, mode: Optional[str]) -> Iterator[torch.nn.Module]:
+    """Within the block: "dense" attends densely everywhere, "sparse" sparsely everywhere (dense_len = -1),
+    None per config (dense_len switch, or always dense for name=dense). Restores the previous mode."""
+    if mode not in MODES:
+        raise ValueError(f"attention_mode: expected 'dense', 'sparse' or None, got {mode!r}")
+    rts = _runtimes(model)
+    if not rts:
+        raise ValueError("attention_mode: the model has no InfLLM attention; call apply_attention first")
+    previous = [rt.mode for rt in rts]
+    for rt in rts:
+        rt.mode = mode
+    try:
+        yield model
+    finally:
+        for rt, prev in zip(rts, previous):
+            rt.mode = prev
+
+
+def get_sparse_stats(model: torch.nn.Module, reset: bool = False) -> SparseStats:
+    """Stats since the last reset (one host sync). With reset=True the counters restart."""
+    rt = _model_runtime(model)
+    stats = rt.stats.snapshot()
+    if reset:
+        rt.stats.reset()
+    return stats
+
+
+def reset_sparse_stats(model: torch.nn.Module) -> None:
+    for rt in _runtimes(model):
+        rt.stats.reset()
+
+
+def configure_sparse_stats(model: torch.nn.Module, enabled: bool = True, time_selection: bool = False) -> None:
+    """enabled: count tokens / blocks (a few tiny kernels per forward, no sync). time_selection: also time
+    selection and attention at the first layer (CUDA events; costs one extra selection pass per forward)."""
+    for rt in _runtimes(model):
+        rt.stats.enabled = enabled
+        rt.stats.time_selection = time_selection
+
+
+def expected_density(seq_len: int, cfg: AttentionConfig) -> float:
+    """Realised density of one document of `seq_len` tokens under `cfg` (1.0 when it runs dense)."""
+    if cfg.name == "dense" or (cfg.dense_len != -1 and seq_len < cfg.dense_len):
+        return 1.0
+    attended, causal = _block_counts(torch.tensor([seq_len]), cfg.block_size, cfg.k_eff)
+    return float(attended / causal)
+
+
+__all__ = ["ATTN_SPARSE", "ATTN_DENSE", "SparseStats", "apply_attention", "attention_config_from_hf",
+           "attention_config_of", "attention_mode", "check_supported", "configure_sparse_stats",
+           "expected_density", "get_sparse_stats", "infllm_attention_forward", "register", "reset_sparse_stats",
+           "sparse_config_dict"]

@@ -1,0 +1,273 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+`conf/config.yaml` lists `base_config` first in its defaults, so every group file and command-line override
+is merged into these dataclasses: an unknown or mistyped key fails at compose time with the key named.
+`__post_init__` checks run when the config is turned into objects (`to_object`) and name the field.
+The data and eval schemas live beside their code (`data/config.py`, `infllm/eval/config.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from data.config import DataConfig
+from infllm.eval.config import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face causal-LM directory; null = the embedded default (SmolLM2-135M-Instruct GGUF).
+    path: Optional[str] = None
+    # Build a randomly initialised model from `arch` instead of loading weights (tests, debug).
+    random_init: bool = False
+    # For random_init: a transformers config as a dict, e.g. {model_type: llama, hidden_size: 64, ...}.
+    arch: Dict[str, Any] = field(default_factory=dict)
+    # Parameter dtype: auto (fp32 on CPU, bf16 weights never: we train in fp32 master weights + autocast)
+    dtype: str = "float32"
+    # Short-to-long RoPE settings, written into the saved config.
+    rope_theta: Optional[float] = None
+    # {type: linear|dynamic|yarn|llama3|longrope, factor: 4.0, ...} as transformers expects.
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: Optional[int] = None
+    # Where the embedded GGUF is converted to safetensors once; null = $INFLLM_CACHE or ~/.cache/infllm.
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+               f"expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.rope_scaling is not None:
+            rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _check(rtype in ROPE_SCALING_TYPES, "model.rope_scaling.type",
+                   f"expected one of {ROPE_SCALING_TYPES}, got {rtype!r}")
+            if rtype != "dynamic" or "factor" in self.rope_scaling:
+                factor = self.rope_scaling.get("factor")
+                _check(factor is not None and float(factor) >= 1.0, "model.rope_scaling.factor",
+                       f"expected a number >= 1, got {factor!r}")
+        if self.rope_theta is not None:
+            _check(self.rope_theta > 0, "model.rope_theta", f"expected > 0, got {self.rope_theta}")
+        if self.random_init:
+            _check("model_type" in self.arch, "model.arch.model_type",
+                   "random_init needs model.arch with at least model_type (e.g. llama)")
+
+
+@dataclass
+class AttentionConfig:
+    # dense | infllm_v2 (trainable sparse) | infllm_v1 (training-free context memory, eval only)
+    name: str = "dense"
+    block_size: int = 64
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    window_size: int = 2048
+    topk: int = 64
+    dense_len: int = 8192
+    use_nope: bool = False
+    lse_approx: bool = True
+    # auto (triton on CUDA, reference elsewhere) | naive | triton
+    impl: str = "auto"
+    # Dense documents: auto (flash-attn varlen if installed, else SDPA) | flash_attn | sdpa
+    dense_backend: str = "auto"
+    # InfLLM (v1) context memory, used when name == infllm_v1.
+    v1: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("dense", "infllm_v2", "infllm_v1"), "attention.name",
+               f"expected dense, infllm_v2 or infllm_v1, got {self.name!r}")
+        _check(self.impl in ("auto", "naive", "triton"), "attention.impl",
+               f"expected auto, naive or triton, got {self.impl!r}")
+        _check(self.dense_backend in ("auto", "flash_attn", "sdpa"), "attention.dense_backend",
+               f"expected auto, flash_attn or sdpa, got {self.dense_backend!r}")
+        for name in ("block_size", "kernel_size", "kernel_stride", "topk"):
+            _check(getattr(self, name) > 0, f"attention.{name}", f"must be positive, got {getattr(self, name)}")
+        for name in ("init_blocks", "window_size"):
+            _check(getattr(self, name) >= 0, f"attention.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.window_size % self.block_size == 0, "attention.window_size",
+               f"must be a multiple of block_size={self.block_size}, got {self.window_size}")
+        _check(self.kernel_stride <= self.kernel_size, "attention.kernel_stride",
+               f"must be <= kernel_size={self.kernel_size}, got {self.kernel_stride}")
+        _check(self.topk >= self.init_blocks + 1, "attention.topk",
+               f"must be >= init_blocks + 1 = {self.init_blocks + 1}, got {self.topk}")
+        _check(self.dense_len == -1 or self.dense_len >= 0, "attention.dense_len",
+               f"must be -1 (always sparse) or >= 0, got {self.dense_len}")
+
+    @property
+    def k_eff(self) -> int:
+        return self.topk + self.window_size // self.block_size
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.name == "adamw", "optim.name", f"only adamw is supported, got {self.name!r}")
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"expected two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | linear | cosine | wsd (warmup-stable-decay)
+    name: str = "cosine"
+    warmup_steps: int = 0
+    # lr at the end of the decay, as a fraction of optim.lr (the InfLLM-V2 recipe: 2.75e-4 / 3e-4).
+    min_lr_ratio: float = 0.1
+    # wsd: fraction of the steps spent in the final decay.
+    decay_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("constant", "linear", "cosine", "wsd"), "schedule.name",
+               f"expected constant, linear, cosine or wsd, got {self.name!r}")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0 < self.decay_fraction <= 1, "schedule.decay_fraction",
+               f"must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    # auto = bf16 autocast on GPU, fp32 on CPU | bf16 | fp32
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    # auto | cpu | cuda
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 1
+    progress_bar: bool = True
+    # Stop after this many skipped (non-finite) steps.
+    max_nonfinite_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):
+            _check(getattr(self, name) > 0, f"trainer.{name}", f"must be a positive integer, got {getattr(self, name)}")
+        _check(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",
+               f"expected auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "trainer.device",
+               f"expected auto, cpu or cuda, got {self.device!r}")
+        _check(self.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a resumable checkpoint every N optimizer steps (0 = only at the end / on SIGTERM).
+    every_steps: int = 0
+    keep_last: int = 2
+    # none | auto (newest complete checkpoint in the run directory) | a checkpoint path
+    resume: str = "none"
+    # Export the final model in Hugging Face format (save_pretrained + tokenizer).
+    save_hf: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggerConfig:
+    # console | wandb
+    name: str = "console"
+    project: str = "infllm"
+    # wandb mode: offline (default, no network) | online | disabled
+    mode: str = "offline"
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("console", "wandb"), "logger.name", f"expected console or wandb, got {self.name!r}")
+        _check(self.mode in ("offline", "online", "disabled"), "logger.mode",
+               f"expected offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class ParallelConfig:
+    # single (one process) | deepspeed (torchrun + DeepSpeed ZeRO)
+    engine: str = "single"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Expected world size (0 = whatever torchrun gives).
+    world_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("single", "deepspeed"), "parallel.engine",
+               f"expected single or deepspeed, got {self.engine!r}")
+        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"expected 0..3, got {self.zero_stage}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # train | eval
+    task: str = "train"
+    run_name: str = "run"
+    # The run directory (checkpoints, logs, final model). Hydra sets it per run.
+    output_dir: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.task in ("train", "eval"), "task", f"expected train or eval, got {self.task!r}")
+
+
+def _cuda_or(gpu_value, cpu_value):
+    """`${cuda_or:GPU,CPU}` in a config: one preset that scales itself to the machine it runs on."""
+    import torch
+
+    return gpu_value if torch.cuda.is_available() else cpu_value
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    if not OmegaConf.has_resolver("cuda_or"):
+        OmegaConf.register_new_resolver("cuda_or", _cuda_or)
+
+
+def to_object(cfg: DictConfig | Config) -> Config:
+    """Resolve interpolations and build the dataclasses (running every `__post_init__` check)."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as e:  # OmegaConf wraps our ConfigError; surface the field-naming message
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, ConfigError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        raise
+
+
+register_configs()

@@ -1,0 +1,108 @@
+"""The engine owns what differs between one process and a distributed run: backward, the optimizer step,
+gradient clipping, and saving/loading model + optimizer state. The trainer loop talks only to this interface,
+so the DeepSpeed engine (infllm/parallel.py) drops in without touching the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from infllm.checkpoint import torch_load
+from infllm.config import Config
+from infllm.schedule import build_scheduler
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases, norms and embeddings' 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if next(model.parameters()).is_cuda:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class SingleEngine:
+    """One process, one device. Master weights in the model's dtype (fp32 by default), bf16 autocast on GPU."""
+
+    is_distributed = False
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
+        self.model = model.to(device)
+        self.device = device
+        self.cfg = cfg
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.trainer.max_steps, cfg.schedule)
+        self.grad_clip = cfg.trainer.grad_clip
+        self.use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, **kwargs):
+        with self.autocast():
+            return self.model(**kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> Optional[float]:
+        """Clip, step, schedule, zero grads. Returns the grad norm, or None if it was not finite (step skipped)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # Checkpoint files: the model through safetensors (shared/tied tensors handled), optimizer and scheduler
+    # state through torch.save, read back with weights_only=True.
+    def checkpoint_files(self) -> dict:
+        return {
+            "model.safetensors": lambda path: st_save_model(self.model, path),
+            "optimizer.pt": lambda path: torch.save({"optimizer": self.optimizer.state_dict(),
+                                                     "scheduler": self.scheduler.state_dict()}, path),
+        }
+
+    def load_checkpoint(self, path: str) -> None:
+        import os
+
+        missing, unexpected = st_load_model(self.model, os.path.join(path, "model.safetensors"), strict=False,
+                                            device=str(self.device))
+        if missing or unexpected:
+            from infllm.checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint {path}: model weights do not match this model (missing "
+                                  f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); it was written by "
+                                  "another model or config")
+        state = torch_load(os.path.join(path, "optimizer.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,68 @@
+"""Causal varlen dense attention: FlashAttention's `flash_attn_varlen_func` when it is installed and usable,
+otherwise torch SDPA one document at a time. Differentiable in q, k, v.
+
+Shapes: q [N, H_q, d], k, v [N, H_kv, d] (GQA when H_kv < H_q), cu_seqlens int32 [n_docs + 1].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.infllm_v2._validate import (
+    check_cu_seqlens,
+    check_cu_seqlens_values,
+    check_max_seqlen,
+    check_qkv,
+    resolve_softmax_scale,
+)
+
+_BACKENDS = ("auto", "flash", "sdpa")
+
+
+def _flash_varlen():
+    """flash_attn_varlen_func, or None when flash-attn is not installed (it is optional)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _sdpa_per_document(q_NHD, k_NHD, v_NHD, cu_seqlens, scale):
+    # One host read of the boundaries; the slow path is allowed to sync.
+    bounds = cu_seqlens.tolist()
+    group = q_NHD.shape[1] // k_NHD.shape[1]
+    outs = []
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        q_HTD = q_NHD[start:end].transpose(0, 1)
+        k_HTD = k_NHD[start:end].transpose(0, 1)
+        v_HTD = v_NHD[start:end].transpose(0, 1)
+        out_HTD = F.scaled_dot_product_attention(q_HTD, k_HTD, v_HTD, is_causal=True, scale=scale,
+                                                 enable_gqa=group > 1)
+        outs.append(out_HTD.transpose(0, 1))
+    if not outs:
+        return torch.empty_like(q_NHD)
+    return torch.cat(outs, dim=0)
+
+
+def dense_attn_varlen(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, backend="auto"):
+    """Causal attention within each document. backend: "auto" (flash-attn on CUDA fp16/bf16 when
+    installed, else SDPA), "flash" (required, error when unavailable) or "sdpa". Returns [N, H_q, d]."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: must be one of {_BACKENDS}, got {backend!r}")
+    n, _, _, d = check_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens, q.device)
+    check_max_seqlen(max_seqlen)
+    scale = resolve_softmax_scale(softmax_scale, d)
+
+    flash_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    flash = _flash_varlen() if backend in ("auto", "flash") else None
+    if backend == "flash" and (flash is None or not flash_ok):
+        raise RuntimeError("backend: 'flash' needs flash-attn installed and CUDA fp16/bf16 tensors")
+    if flash is not None and flash_ok:
+        return flash(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True)
+    if not q.is_cuda:
+        check_cu_seqlens_values(cu_seqlens, n, max_seqlen)
+    return _sdpa_per_document(q, k, v, cu_seqlens, scale)

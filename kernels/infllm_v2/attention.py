@@ -1,0 +1,605 @@
+"""Triton block-sparse attention for InfLLM-V2 (step 8 of ../../shared/infllm_v2.md), forward and backward.
+
+    out = block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block_size=64,
+                                   softmax_scale=None, dense_len=-1)
+
+Same math as `naive.block_sparse_attn_naive`: token t attends the keys u <= t of its document whose block
+u // block_size is listed in block_idx[:, t] (-1 = padding). Tokens of documents shorter than `dense_len`
+(when dense_len != -1) attend every earlier key of their document instead (the dense/sparse switch, decided per
+document inside the kernels, so nothing is read back to the host).
+
+Legend: N packed tokens, H_q / H_kv heads, G = H_q / H_kv, d head dim, B block size, K = k_eff (slots of
+block_idx), NT query tiles, NBT key-block tiles, U = tokens_per_tile * K (union slots of a tile).
+
+Layout of the work
+- Query tile = `tok` neighbouring tokens of one document x the G heads of one KV head: rows r = token * G + head,
+  BLOCK_M = next power of two >= tok * G (>= 16, the smallest tensor-core tile). With G = 16 a tile is one token;
+  with G < 16 it packs 16 // G tokens and walks the UNION of their selected blocks, each row masked to the
+  blocks its own token selected (a per-block membership bitmask), instead of repeating heads up to 16.
+- Forward and dQ: one program per (query tile, KV head), online softmax in base 2, LSE kept for the backward.
+  The dQ kernel also computes delta = rowsum(dO * O) once per row and stores it for the dK/dV kernel.
+- dK/dV: one program per (key block, KV head) over the queries that selected the block, read from an inverted
+  index (a stable sort of the selections by (head, block), built on the GPU with static sizes), so no program
+  scans queries that did not pick its block, and no atomics are needed.
+- Dense documents run a second launch of the same kernels in dense mode (every causal block, larger tiles);
+  each launch skips the documents of the other mode after one load.
+No host synchronisation: every size used on the host is a Python int (N, n_docs, K, max_seqlen) or shape
+metadata; per-document decisions and loop bounds are loaded from device tensors inside the kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.infllm_v2._validate import (
+    check_block_idx,
+    check_block_size,
+    check_cu_seqlens,
+    check_dense_len,
+    check_max_seqlen,
+    check_qkv,
+    resolve_softmax_scale,
+)
+
+__all__ = ["block_sparse_attn_triton", "TUNING"]
+
+_LOG2E = 1.4426950408889634
+
+# Launch parameters; the benchmark may override them (names as in the kernels).
+TUNING = {
+    "sparse_rows": 16,       # BLOCK_M of the sparse forward / dQ tile (rows = tokens x G heads)
+    "dense_rows": 64,        # BLOCK_M of the dense-document forward / dQ tile
+    "dkdv_rows": 64,         # query rows per step of the dK/dV loop
+    "fwd_warps": 4,
+    "fwd_stages": 3,
+    "dense_warps": 4,
+    "dense_stages": 3,
+    "dq_warps": 4,
+    "dq_stages": 3,
+    "dkdv_warps": 4,
+    "dkdv_stages": 3,
+}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tile_rows(group: int, target_rows: int) -> tuple[int, int]:
+    """(BLOCK_M, tokens per tile): BLOCK_M >= G rows, a power of two, at least 16; as many whole tokens as fit."""
+    rows = max(16, target_rows, triton.next_power_of_2(group))
+    return rows, rows // group
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    CU, TILE_DOC, TILE_START,
+    LIST, MASKS, COUNT,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, dense_len,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # MODE 0: one token per tile, its own block_idx row; 1: union of the tile's tokens; 2: dense documents.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    doc = tl.load(TILE_DOC + pid)
+    if doc < 0:
+        return
+    doc_start = tl.load(CU + doc)
+    doc_len = tl.load(CU + doc + 1) - doc_start
+    is_dense = doc_len < dense_len
+    if MODE == 2:
+        if not is_dense:
+            return
+    else:
+        if is_dense:
+            return
+    tok0 = tl.load(TILE_START + pid)
+    n_tok = tl.minimum(doc_start + doc_len - tok0, TOK)
+
+    rows = tl.arange(0, BLOCK_M)
+    r_tok = rows // G
+    row_ok = (rows < TOK * G) & (r_tok < n_tok)
+    q_tok = (tok0 + r_tok).to(tl.int64)                      # [BLOCK_M] global token of each row
+    q_pos = tok0 + r_tok - doc_start                         # [BLOCK_M] position in the document
+    head_q = g * G + rows % G                                # [BLOCK_M]
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(Q + q_tok[:, None] * stride_qn + head_q[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)             # [BLOCK_M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)      # [BLOCK_M] running max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                    # [BLOCK_M] running sum
+    acc = tl.zeros([BLOCK_M, D], tl.float32)                 # [BLOCK_M, D]
+
+    if MODE == 0:
+        list_row = LIST + g * list_stride_h + tok0.to(tl.int64) * list_stride_row
+        slots = tl.arange(0, SLOTS_P2)
+        ids = tl.load(list_row + slots, mask=slots < SLOTS, other=-1)   # [SLOTS_P2]
+        # One past the last valid slot: -1 padding anywhere is skipped by the membership test.
+        n_iter = tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
+    elif MODE == 1:
+        list_row = LIST + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        mask_row = MASKS + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        n_iter = tl.load(COUNT + g * n_tiles + pid)
+    else:
+        n_iter = (tok0 + n_tok - 1 - doc_start) // BLOCK_N + 1
+
+    for i in range(0, n_iter):
+        if MODE == 0:
+            blk = tl.load(list_row + i)
+            member = row_ok & (blk >= 0)
+        elif MODE == 1:
+            blk = tl.load(list_row + i)
+            bits = tl.load(mask_row + i)
+            member = row_ok & (((bits >> r_tok) & 1) != 0)
+        else:
+            blk = i
+            member = row_ok
+        k_pos = blk * BLOCK_N + offs_n                       # [BLOCK_N] position in the document
+        k_ok = (k_pos < doc_len) & (blk >= 0)
+        k_tok = (doc_start + k_pos).to(tl.int64)
+        k_t = tl.load(K + k_tok[None, :] * stride_kn + g * stride_kh + offs_d[:, None],
+                      mask=k_ok[None, :], other=0.0)         # [D, BLOCK_N]
+        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale   # [BLOCK_M, BLOCK_N]
+        allowed = member[:, None] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing allowed yet keep m = -inf; shift them by 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])                      # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + k_tok[:, None] * stride_vn + g * stride_vh + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)           # [BLOCK_N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(O + q_tok[:, None] * stride_on + head_q[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    # A row with no allowed key stores +inf: its probabilities are exactly 0 in the backward.
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    tl.store(LSE + head_q.to(tl.int64) * n_tokens + q_tok, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA,
+    CU, TILE_DOC, TILE_START,
+    LIST, MASKS, COUNT,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_don, stride_doh, stride_dqn, stride_dqh,
+    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, sm_scale, dense_len,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Same tiles and block walk as _fwd_kernel; dQ = scale * sum_blocks dS K with dS = P * (dO V^T - delta).
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    doc = tl.load(TILE_DOC + pid)
+    if doc < 0:
+        return
+    doc_start = tl.load(CU + doc)
+    doc_len = tl.load(CU + doc + 1) - doc_start
+    is_dense = doc_len < dense_len
+    if MODE == 2:
+        if not is_dense:
+            return
+    else:
+        if is_dense:
+            return
+    tok0 = tl.load(TILE_START + pid)
+    n_tok = tl.minimum(doc_start + doc_len - tok0, TOK)
+
+    rows = tl.arange(0, BLOCK_M)
+    r_tok = rows // G
+    row_ok = (rows < TOK * G) & (r_tok < n_tok)
+    q_tok = (tok0 + r_tok).to(tl.int64)
+    q_pos = tok0 + r_tok - doc_start
+    head_q = g * G + rows % G
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    row_off = q_tok[:, None] * stride_qn + head_q[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)                      # [BLOCK_M, D]
+    do = tl.load(DO + q_tok[:, None] * stride_don + head_q[:, None] * stride_doh + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)                                   # [BLOCK_M, D]
+    o = tl.load(O + q_tok[:, None] * stride_on + head_q[:, None] * stride_oh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)                                    # [BLOCK_M, D]
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)                   # [BLOCK_M]
+    stat_off = head_q.to(tl.int64) * n_tokens + q_tok
+    tl.store(DELTA + stat_off, delta, mask=row_ok)
+    lse = tl.load(LSE + stat_off, mask=row_ok, other=float("inf"))                # [BLOCK_M]
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+
+    if MODE == 0:
+        list_row = LIST + g * list_stride_h + tok0.to(tl.int64) * list_stride_row
+        slots = tl.arange(0, SLOTS_P2)
+        ids = tl.load(list_row + slots, mask=slots < SLOTS, other=-1)
+        n_iter = tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
+    elif MODE == 1:
+        list_row = LIST + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        mask_row = MASKS + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        n_iter = tl.load(COUNT + g * n_tiles + pid)
+    else:
+        n_iter = (tok0 + n_tok - 1 - doc_start) // BLOCK_N + 1
+
+    for i in range(0, n_iter):
+        if MODE == 0:
+            blk = tl.load(list_row + i)
+            member = row_ok & (blk >= 0)
+        elif MODE == 1:
+            blk = tl.load(list_row + i)
+            bits = tl.load(mask_row + i)
+            member = row_ok & (((bits >> r_tok) & 1) != 0)
+        else:
+            blk = i
+            member = row_ok
+        k_pos = blk * BLOCK_N + offs_n
+        k_ok = (k_pos < doc_len) & (blk >= 0)
+        k_tok = (doc_start + k_pos).to(tl.int64)
+        k = tl.load(K + k_tok[:, None] * stride_kn + g * stride_kh + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)                                  # [BLOCK_N, D]
+        v_t = tl.load(V + k_tok[None, :] * stride_vn + g * stride_vh + offs_d[:, None],
+                      mask=k_ok[None, :], other=0.0)                                # [D, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale            # [BLOCK_M, BLOCK_N]
+        allowed = member[:, None] & (k_pos[None, :] <= q_pos[:, None])
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)                       # [BLOCK_M, BLOCK_N]
+        dp = tl.dot(do, v_t, input_precision=DOT_PREC)                             # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)                  # [BLOCK_M, D]
+
+    tl.store(DQ + q_tok[:, None] * stride_dqn + head_q[:, None] * stride_dqh + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    CU, BLK_DOC, BLK_START, OFFSETS, QTOK,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # One key block x one KV head. Its queries come TOK tokens (x G heads = rows) at a time from the inverted
+    # index (sparse documents) or from every later token of the document (dense documents).
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    doc = tl.load(BLK_DOC + pid)
+    if doc < 0:
+        return
+    doc_start = tl.load(CU + doc)
+    doc_end = tl.load(CU + doc + 1)
+    is_dense = doc_end - doc_start < dense_len
+    if DENSE:
+        if not is_dense:
+            return
+    else:
+        if is_dense:
+            return
+    blk_tok0 = tl.load(BLK_START + pid)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_tok = blk_tok0 + offs_n                                   # [BLOCK_N] global key tokens
+    k_ok = k_tok < doc_end
+    k_tok64 = k_tok.to(tl.int64)
+    k = tl.load(K + k_tok64[:, None] * stride_kn + g * stride_kh + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
+    v = tl.load(V + k_tok64[:, None] * stride_vn + g * stride_vh + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+
+    rows = tl.arange(0, BLOCK_M)
+    r_tok = rows // G
+    row_in = rows < TOK * G
+    head_q = g * G + rows % G                                   # [BLOCK_M]
+    if DENSE:
+        lo = 0
+        n_q = doc_end - blk_tok0
+    else:
+        lo = tl.load(OFFSETS + g * n_blk_tiles + pid)
+        n_q = tl.load(OFFSETS + g * n_blk_tiles + pid + 1) - lo
+
+    for j in range(0, n_q, TOK):
+        slot = j + r_tok
+        ok = row_in & (slot < n_q)
+        if DENSE:
+            q_tok = blk_tok0 + slot
+        else:
+            q_tok = tl.load(QTOK + lo + slot, mask=ok, other=0)  # [BLOCK_M]
+        q_tok64 = q_tok.to(tl.int64)
+        q = tl.load(Q + q_tok64[:, None] * stride_qn + head_q[:, None] * stride_qh + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)                # [BLOCK_M, D]
+        do = tl.load(DO + q_tok64[:, None] * stride_don + head_q[:, None] * stride_doh + offs_d[None, :],
+                     mask=ok[:, None], other=0.0)               # [BLOCK_M, D]
+        stat_off = head_q.to(tl.int64) * n_tokens + q_tok64
+        lse = tl.load(LSE + stat_off, mask=ok, other=float("inf"))
+        delta = tl.load(DELTA + stat_off, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale      # [BLOCK_M, BLOCK_N]
+        allowed = ok[:, None] & k_ok[None, :] & (k_tok[None, :] <= q_tok[:, None])
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)                 # [BLOCK_M, BLOCK_N]
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)  # [BLOCK_N, D]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)               # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)  # [BLOCK_N, D]
+
+    tl.store(DK + k_tok64[:, None] * stride_dkn + g * stride_dkh + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(DV + k_tok64[:, None] * stride_dvn + g * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side tables (torch ops on the device, static sizes, no host reads)
+# ----------------------------------------------------------------------------------------------------------
+
+def _tiles(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
+    """Document-aligned tiles of `tile` tokens: (tile_doc int32 [NT], tile_start int32 [NT],
+    first_tile int64 [n_docs]) with NT = ceil(N / tile) + n_docs, a static upper bound; unused tiles have
+    doc = start = -1. first_tile[d] is the index of document d's first tile."""
+    n_docs = cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    tiles_per_doc = (lens + tile - 1) // tile
+    ends = torch.cumsum(tiles_per_doc, 0)                     # [n_docs] inclusive
+    n_tiles = triton.cdiv(n_tokens, tile) + n_docs
+    t = torch.arange(n_tiles, device=cu.device)
+    doc = torch.searchsorted(ends, t, right=True)             # first document whose tiles end after t
+    valid = doc < n_docs
+    doc_c = doc.clamp(max=max(n_docs - 1, 0))
+    first = ends - tiles_per_doc
+    start = cu[doc_c] + (t - first[doc_c]) * tile
+    tile_doc = torch.where(valid, doc, -1).to(torch.int32)
+    tile_start = torch.where(valid, start, -1).to(torch.int32)
+    return tile_doc, tile_start, first
+
+
+def _tile_unions(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, tile_doc, tile_start, tok: int):
+    """Union of the selected blocks of each tile's tokens: ids int32 [H, NT, U] ascending (-1 after the
+    count), membership bits int32 [H, NT, U] (bit i = token i of the tile selected it), count int32 [H, NT]."""
+    h_kv, n_tokens, k_slots = block_idx.shape
+    n_tiles = tile_doc.numel()
+    big = torch.iinfo(torch.int32).max
+    cu = cu_seqlens.to(torch.int64)
+    doc_end = cu[(tile_doc.to(torch.int64) + 1).clamp(min=0)]
+    tokens = tile_start.to(torch.int64)[:, None] + torch.arange(tok, device=block_idx.device)  # [NT, tok]
+    tok_ok = (tile_start[:, None] >= 0) & (tokens < doc_end[:, None])
+    ids = block_idx[:, tokens.clamp(0, max(n_tokens - 1, 0))]                                  # [H, NT, tok, K]
+    ids = torch.where(tok_ok[None, :, :, None] & (ids >= 0), ids, big).reshape(h_kv, n_tiles, tok * k_slots)
+    bits = (1 << torch.arange(tok, device=ids.device, dtype=torch.int32))[:, None].expand(tok, k_slots)
+    bits = bits.reshape(1, 1, tok * k_slots).expand(h_kv, n_tiles, -1)
+    ids_sorted, order = ids.sort(dim=-1)
+    bits_sorted = bits.gather(-1, order)
+    first = torch.ones_like(ids_sorted, dtype=torch.bool)
+    first[..., 1:] = ids_sorted[..., 1:] != ids_sorted[..., :-1]
+    valid = ids_sorted != big
+    first &= valid
+    n_slots = tok * k_slots
+    # Every entry goes to its id's slot in the union (ids equal within a slot); padding to a spare column.
+    slot = torch.where(valid, torch.cumsum(first.to(torch.int32), -1) - 1, n_slots).to(torch.int64)
+    uid = torch.full((h_kv, n_tiles, n_slots + 1), -1, dtype=torch.int32, device=ids.device)
+    uid.scatter_(-1, slot, ids_sorted)
+    umask = torch.zeros((h_kv, n_tiles, n_slots + 1), dtype=torch.int32, device=ids.device)
+    # Each token lists a block at most once, so the sum of distinct bits is their OR.
+    umask.scatter_add_(-1, slot, bits_sorted)
+    count = first.sum(-1).to(torch.int32)
+    return uid[..., :n_slots].contiguous(), umask[..., :n_slots].contiguous(), count.contiguous()
+
+
+def _inverted_index(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, first_block: torch.Tensor,
+                    n_blk_tiles: int):
+    """Queries per (KV head, key block): QTOK int32 [H * N * K] (token ids grouped by head-major global block,
+    ascending tokens within a block) and OFFSETS int32 [H * NBT + 1] (the group of head h, block tile b is
+    QTOK[OFFSETS[h * NBT + b] : OFFSETS[h * NBT + b + 1]]). A stable sort, so no atomics and no host read."""
+    h_kv, n_tokens, k_slots = block_idx.shape
+    device = block_idx.device
+    cu = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(n_tokens, device=device)
+    doc_of_token = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=max(cu.numel() - 2, 0))
+    global_block = first_block[doc_of_token][None, :, None] + block_idx.to(torch.int64)      # [H, N, K]
+    head = torch.arange(h_kv, device=device)[:, None, None]
+    sentinel = h_kv * n_blk_tiles
+    key = torch.where(block_idx >= 0, head * n_blk_tiles + global_block, sentinel).reshape(-1)
+    key_sorted, order = torch.sort(key, stable=True)
+    qtok = ((order // k_slots) % n_tokens).to(torch.int32)
+    bounds = torch.arange(sentinel + 1, device=device, dtype=key_sorted.dtype)
+    offsets = torch.searchsorted(key_sorted, bounds).to(torch.int32)
+    return qtok, offsets
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launches
+# ----------------------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are for tests: keep them exact rather than tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_kernel_shapes(head_dim: int, block_size: int) -> None:
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"q: the Triton kernel needs head_dim a power of two in [16, 256], got {head_dim}")
+    if block_size < 16 or block_size > 128 or block_size & (block_size - 1):
+        raise ValueError(f"block_size: the Triton kernel needs a power of two in [16, 128], got {block_size}")
+
+
+def _sparse_plan(group: int):
+    rows, tok = _tile_rows(group, TUNING["sparse_rows"])
+    return rows, tok, (0 if tok == 1 else 1)
+
+
+def _launch_opts(kind: str) -> dict:
+    if _interpreting():
+        return {}
+    return {"num_warps": TUNING[f"{kind}_warps"], "num_stages": TUNING[f"{kind}_stages"]}
+
+
+def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
+    """The (mode, rows, tokens per tile, tile tables, block lists) of each query-side launch."""
+    walks = []
+    rows, tok, mode = _sparse_plan(group)
+    tile_doc, tile_start, _ = _tiles(cu_seqlens, n_tokens, tok)
+    if mode == 0:
+        lists = (block_idx, block_idx, tile_doc, block_idx.stride(0), block_idx.stride(1))
+    else:
+        uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok)
+        lists = (uid, umask, count, uid.stride(0), uid.stride(1))
+    walks.append((mode, rows, tok, tile_doc, tile_start, lists, "fwd"))
+    if dense_len > 0:
+        rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
+        doc_d, start_d, _ = _tiles(cu_seqlens, n_tokens, tok_d)
+        walks.append((2, rows_d, tok_d, doc_d, start_d, (tile_doc, tile_doc, tile_doc, 0, 0), "dense"))
+    return walks
+
+
+def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+    n_tokens, h_q, d = q.shape
+    h_kv = k.shape[1]
+    group = h_q // h_kv
+    k_slots = block_idx.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
+    if n_tokens == 0:
+        return out, lse
+    prec = _dot_precision(q.dtype)
+    for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
+                                                                           group, dense_len):
+        n_tiles = tile_doc.numel()
+        _fwd_kernel[(n_tiles, h_kv)](
+            q, k, v, out, lse, cu_seqlens, tile_doc, tile_start, *lists,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len,
+            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
+            SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
+            **_launch_opts(kind if kind == "dense" else "fwd"),
+        )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+    n_tokens, h_q, d = q.shape
+    h_kv = k.shape[1]
+    group = h_q // h_kv
+    k_slots = block_idx.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if n_tokens == 0:
+        return dq, dk, dv
+    do = do.contiguous()
+    prec = _dot_precision(q.dtype)
+    delta = torch.empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
+    for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
+                                                                           group, dense_len):
+        n_tiles = tile_doc.numel()
+        _dq_kernel[(n_tiles, h_kv)](
+            q, k, v, out, do, dq, lse, delta, cu_seqlens, tile_doc, tile_start, *lists,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len,
+            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
+            SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
+            **_launch_opts("dense" if kind == "dense" else "dq"),
+        )
+
+    blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)
+    n_blk_tiles = blk_doc.numel()
+    qtok, offsets = _inverted_index(block_idx, cu_seqlens, first_block, n_blk_tiles)
+    rows, tok = _tile_rows(group, TUNING["dkdv_rows"])
+    for dense in ((False, True) if dense_len > 0 else (False,)):
+        _dkdv_kernel[(n_blk_tiles, h_kv)](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk_doc, blk_start, offsets, qtok,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len,
+            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, DENSE=dense, DOT_PREC=prec,
+            **_launch_opts("dkdv"),
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile, with fake implementations) and autograd
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("infllm::block_sparse_attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                 cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int, scale: float,
+                 dense_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("infllm::block_sparse_attn_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, block_idx: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 block_size: int, scale: float, dense_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, block_idx, cu_seqlens)
+    ctx.params = (max_seqlen, block_size, scale, dense_len)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, block_idx, cu_seqlens = ctx.saved_tensors
+    max_seqlen, block_size, scale, dense_len = ctx.params
+    dq, dk, dv = _attn_bwd_op(d_out, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale,
+                              dense_len)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_attn_backward, setup_context=_setup_context)
+
+
+def block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block_size=64, softmax_scale=None,
+                             dense_len=-1):
+    """Block-sparse attention over the given blocks, Triton forward and backward (see the module docstring).
+
+    q [N, H_q, d], k, v [N, H_kv, d] (fp16 / bf16 / fp32, d a power of two in [16, 256]); block_idx int32
+    [H_kv, N, K]: per token its selected block ids relative to its document start, each at most once, -1 =
+    padding; cu_seqlens int32 [n_docs + 1]; max_seqlen a Python int; block_size a power of two in [16, 128].
+    Documents shorter than dense_len (when != -1) attend causally to all their blocks and ignore block_idx.
+    Returns [N, H_q, d] in q's dtype, differentiable in q, k, v. Reads nothing back to the host."""
+    n, _, h_kv, d = check_qkv(q, k, v)
+    check_block_size(block_size)
+    check_cu_seqlens(cu_seqlens, q.device)
+    check_max_seqlen(max_seqlen)
+    check_block_idx(block_idx, h_kv, n, q.device)
+    check_dense_len(dense_len)
+    _check_kernel_shapes(d, block_size)
+    if q.dtype == torch.float64:
+        raise TypeError("q: the Triton kernel takes float16 / bfloat16 / float32, got float64")
+    scale = resolve_softmax_scale(softmax_scale, d)
+    out, _ = _attn_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), block_idx.contiguous(),
+                          cu_seqlens.contiguous(), max_seqlen, block_size, float(scale), dense_len)
+    return out

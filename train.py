@@ -1,0 +1,25 @@
+"""Continued training entry point: compose the config -> build model, data, engine -> fit.
+
+    python train.py                                  # embedded default (SmolLM2 + InfLLM-V2, see conf/)
+    python train.py experiment=debug                 # tiny random model, seconds
+    python train.py model.path=/my/model experiment=long_32k run_name=my_run checkpoint.resume=auto
+"""
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from infllm.config import to_object
+from infllm.trainer import Trainer
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_object(dcfg)
+    logging.getLogger(__name__).info("run directory: %s", cfg.output_dir)
+    trainer = Trainer.build(cfg)
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main()
