@@ -160,3 +160,8 @@ def as_data_config(cfg: Any) -> DataConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
     return OmegaConf.to_object(merged)
+
+
+class DataError(ValueError):
+    """Bad data input (a missing or unreadable path, an empty corpus, a mismatched shard, a bad document
+    under on_bad_document=error): the message names the file, field or setting and what was expected."""

@@ -51,6 +51,8 @@ SPARSE_CONFIG_FIELDS = ("block_size", "kernel_size", "kernel_stride", "init_bloc
                         "dense_len", "use_nope", "lse_approx", "impl")
 
 _RUNTIME_ATTR = "_infllm_attention"
+# attention.dense_backend -> kernels.dense backend names
+_DENSE_BACKENDS = {"auto": "auto", "flash_attn": "flash", "sdpa": "sdpa"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,7 +377,7 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                                                  enable_gqa=Hq != key.shape[1])
             return out.transpose(1, 2), None
         out = dense_attn_varlen(_to_varlen(query), _to_varlen(key), _to_varlen(value), cu, max_seqlen,
-                                softmax_scale=scaling, backend=cfg.dense_backend)
+                                softmax_scale=scaling, backend=_DENSE_BACKENDS[cfg.dense_backend])
         return out.reshape(B, L, Hq, d), None
 
     q, k, v = _to_varlen(query), _to_varlen(key), _to_varlen(value)

@@ -227,7 +227,7 @@ class Trainer:
                                 self._stop_signal, self.step)
                     return self.last_metrics
             if self.step >= cfg.trainer.max_steps:
-                if cfg.checkpoint.every_steps:
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps:
                     self.save_checkpoint()
                 if cfg.checkpoint.save_hf:
                     self.export_hf()

@@ -63,15 +63,16 @@ def filler_haystack(tokenizer, min_tokens: int, text: str = PASSKEY_FILLER) -> H
 
 @functools.lru_cache(maxsize=8)
 def _newline_token_ids(tokenizer) -> frozenset:
+    # Only tokens that end a line: one like "\n    " would leave an inserted line indented.
     ids = set()
     for i in range(len(tokenizer)):
-        if "\n" in tokenizer.decode([i]):
+        if tokenizer.decode([i]).endswith("\n"):
             ids.add(i)
     return frozenset(ids)
 
 
 def text_haystack(tokenizer, documents: Sequence[Sequence[int]]) -> Haystack:
-    """Real documents back to back; insertions go after a token that ends a line."""
+    """Real documents back to back; insertions go after a token that ends with a newline."""
     newline_ids = _newline_token_ids(tokenizer)
     tokens: List[int] = []
     for doc in documents:

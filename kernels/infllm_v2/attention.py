@@ -456,15 +456,15 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
     rows, tok, mode = _sparse_plan(group)
     tile_doc, tile_start, _ = _tiles(cu_seqlens, n_tokens, tok)
     if mode == 0:
-        lists = (block_idx, block_idx, tile_doc, block_idx.stride(0), block_idx.stride(1))
+        lists = (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1))
     else:
         uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok)
-        lists = (uid, umask, count, uid.stride(0), uid.stride(1))
+        lists = (uid, umask, count), (uid.stride(0), uid.stride(1))
     walks.append((mode, rows, tok, tile_doc, tile_start, lists, "fwd"))
     if dense_len > 0:
         rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
         doc_d, start_d, _ = _tiles(cu_seqlens, n_tokens, tok_d)
-        walks.append((2, rows_d, tok_d, doc_d, start_d, (tile_doc, tile_doc, tile_doc, 0, 0), "dense"))
+        walks.append((2, rows_d, tok_d, doc_d, start_d, ((tile_doc, tile_doc, tile_doc), (0, 0)), "dense"))
     return walks
 
 
@@ -482,9 +482,9 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
                                                                            group, dense_len):
         n_tiles = tile_doc.numel()
         _fwd_kernel[(n_tiles, h_kv)](
-            q, k, v, out, lse, cu_seqlens, tile_doc, tile_start, *lists,
+            q, k, v, out, lse, cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len,
+            out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
             **_launch_opts(kind if kind == "dense" else "fwd"),
@@ -509,10 +509,10 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
                                                                            group, dense_len):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
-            q, k, v, out, do, dq, lse, delta, cu_seqlens, tile_doc, tile_start, *lists,
+            q, k, v, out, do, dq, lse, delta, cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len,
+            *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
             **_launch_opts("dense" if kind == "dense" else "dq"),
