@@ -3,13 +3,16 @@
     python train.py                                  # embedded default (SmolLM2 + InfLLM-V2, see conf/)
     python train.py experiment=debug                 # tiny random model, seconds
     python train.py model.path=/my/model experiment=long_32k run_name=my_run checkpoint.resume=auto
+    launch/run.sh NGPU=8 parallel=zero2 experiment=long_32k     # distributed (see launch/README.md)
 """
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from infllm.config import to_object
+from infllm.parallel import launcher_argv
 from infllm.trainer import Trainer
 
 
@@ -22,4 +25,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = launcher_argv(sys.argv)  # launchers' --local_rank; Hydra's files written by rank 0 only
     main()

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Directory names inside stdlib packages that hold test suites, not library code.
 STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "lib-dynload"}
+# Generated codec tables (a fifth of the stdlib's tokens, and poor text); taken only when named in `include`.
+STDLIB_SKIP_DEFAULT = {"encodings"}
 EXTENSIONS = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".parquet": "parquet",
     ".arrow": "arrow", ".txt": "text", ".text": "text", ".md": "text", ".txt.gz": "text",
@@ -185,7 +187,7 @@ def stdlib_documents_index(include: Optional[List[str]] = None) -> List[Tuple[st
             name, files = entry[:-3], [full]
         else:
             continue
-        if files and (not wanted or name in wanted):
+        if files and (name in wanted or (not wanted and name not in STDLIB_SKIP_DEFAULT)):
             docs.append((name, files))
     missing = wanted - {name for name, _ in docs}
     if missing:

@@ -9,7 +9,10 @@ computes q/k/v, applies RoPE, updates the KV cache, and hands us
 
 We flatten to FlashAttention's varlen layout `[N = B * L, H, d]` and call the public functions of `kernels/`.
 A mask function that returns no mask is registered under the same names, so transformers never builds an
-[L, L] mask for these models.
+[L, L] mask for these models (only a 2D [B, L_k] padding mask when a padded batch is generated). Note that
+transformers itself scans `position_ids` for packing once per forward when neither an attention_mask nor a
+cache is passed (`masking_utils.find_packed_sequence_indices`: one small host sync on GPU, per forward, not
+per layer).
 
 Document boundaries, in this order of preference:
   1. `cu_seq_lens_q` + `max_length_q` in the forward kwargs (`PackedBatch.model_kwargs()` passes them):
@@ -22,7 +25,7 @@ Attention never crosses a document, in dense and sparse mode alike.
 
 Generation with a KV cache (L_q != L_k) and batches with padding (a 2D `attention_mask` with zeros) fall back
 to dense SDPA over the cache: selection over a cache is not implemented yet, so decode steps after a sparse
-prefill attend densely (documented in the report of issue 3; prefill itself is sparse).
+prefill attend densely (the prefill itself is sparse).
 
 Legend: B rows, L tokens per row, N = B * L, H_q / H_kv heads, G = H_q / H_kv, d head dim, T document length,
 Bk = block_size, k_eff = topk + window_size // block_size.
@@ -51,13 +54,10 @@ SPARSE_CONFIG_FIELDS = ("block_size", "kernel_size", "kernel_stride", "init_bloc
                         "dense_len", "use_nope", "lse_approx", "impl")
 
 _RUNTIME_ATTR = "_infllm_attention"
+_warned_unprepared = False
 # attention.dense_backend -> kernels.dense backend names
 _DENSE_BACKENDS = {"auto": "auto", "flash_attn": "flash", "sdpa": "sdpa"}
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------------------
 
 @dataclass
 class SparseStats:
@@ -92,14 +92,31 @@ class SparseStats:
             return None
         return self.select_ms / self.attention_ms
 
-    def as_dict(self, prefix: str = "attn/") -> Dict[str, float]:
-        out = {f"{prefix}density": self.density, f"{prefix}sparse_token_fraction": self.sparse_token_fraction,
-               f"{prefix}sparse_tokens": self.sparse_tokens, f"{prefix}dense_tokens": self.dense_tokens}
+    def as_dict(self, prefix: str = "") -> Dict[str, float]:
+        if not self.forwards:
+            return {}
+        out = {"density": self.density, "sparse_token_fraction": self.sparse_token_fraction,
+               "sparse_tokens": self.sparse_tokens, "dense_tokens": self.dense_tokens}
         if self.select_ms is not None:
-            out[f"{prefix}select_ms"] = self.select_ms
-            out[f"{prefix}attention_ms"] = self.attention_ms or 0.0
-            out[f"{prefix}select_fraction"] = self.select_fraction or 0.0
-        return out
+            out.update(select_ms=self.select_ms, attention_ms=self.attention_ms or 0.0,
+                       select_fraction=self.select_fraction or 0.0)
+        return {prefix + k: v for k, v in out.items()}
+
+    # Read-only mapping view of as_dict(), so metrics code can treat it as a dict (empty = nothing counted).
+    def __bool__(self) -> bool:
+        return self.forwards > 0
+
+    def keys(self):
+        return self.as_dict().keys()
+
+    def items(self):
+        return self.as_dict().items()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.as_dict().get(key, default)
+
+    def __getitem__(self, key: str) -> float:
+        return self.as_dict()[key]
 
 
 class _StatsAccumulator:
@@ -170,10 +187,6 @@ def _block_counts(lengths: torch.Tensor, block_size: int, k_eff: int) -> Tuple[t
     return attended, causal
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The per-model runtime: config, mode override, stats, a small cache of derived document boundaries
-# ---------------------------------------------------------------------------------------------------------
-
 class _Runtime:
     def __init__(self, cfg: AttentionConfig) -> None:
         self.cfg = cfg
@@ -196,18 +209,23 @@ class _Runtime:
 
 
 def _runtime_of(module: torch.nn.Module) -> _Runtime:
+    global _warned_unprepared
     rt = getattr(module, _RUNTIME_ATTR, None)
-    if rt is None:
-        # Loaded with attn_implementation="infllm_v2" but never passed through apply_attention: build the
-        # config from the checkpoint. Mode switches and stats then act per layer; apply_attention shares them.
-        cfg = attention_config_from_hf(module.config) if hasattr(module, "config") else None
-        if cfg is None:
-            cfg = AttentionConfig(name="dense" if getattr(getattr(module, "config", None), "_attn_implementation",
-                                                          ATTN_SPARSE) == ATTN_DENSE else "infllm_v2")
-        log.warning("infllm attention used on a model that did not go through infllm.attention.apply_attention; "
+    if rt is not None:
+        return rt
+    # Loaded with attn_implementation="infllm_v2" without apply_attention: take the config from the
+    # checkpoint's sparse_config. Mode switches and stats then act per layer; apply_attention shares them.
+    config = getattr(module, "config", None)
+    cfg = attention_config_from_hf(config) if config is not None else None
+    if cfg is None:
+        dense = getattr(config, "_attn_implementation", None) == ATTN_DENSE
+        cfg = AttentionConfig(name="dense" if dense else "infllm_v2")
+    if not _warned_unprepared:
+        _warned_unprepared = True
+        log.warning("infllm attention on a model that did not go through infllm.attention.apply_attention: "
                     "using %s per layer (attention_mode and get_sparse_stats need apply_attention)", cfg)
-        rt = _Runtime(cfg)
-        setattr(module, _RUNTIME_ATTR, rt)
+    rt = _Runtime(cfg)
+    setattr(module, _RUNTIME_ATTR, rt)
     return rt
 
 
@@ -227,12 +245,12 @@ def _model_runtime(model: torch.nn.Module) -> _Runtime:
     return rts[0]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Document boundaries
-# ---------------------------------------------------------------------------------------------------------
-
 def _rows_as_documents(B: int, L: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
+
+
+def _same_key(old: Optional[Tuple[Any, ...]], new: Tuple[Any, ...]) -> bool:
+    return old is not None and old[0] is new[0] and old[1:] == new[1:]
 
 
 def _bounds_from_positions(rt: _Runtime, position_ids: torch.Tensor, B: int, L: int,
@@ -257,10 +275,6 @@ def _bounds_from_positions(rt: _Runtime, position_ids: torch.Tensor, B: int, L: 
     return value
 
 
-def _same_key(old: Optional[Tuple[Any, ...]], new: Tuple[Any, ...]) -> bool:
-    return old is not None and old[0] is new[0] and old[1:] == new[1:]
-
-
 def _document_bounds(rt: _Runtime, kwargs: Dict[str, Any], B: int, L: int,
                      device: torch.device) -> Tuple[torch.Tensor, int, bool]:
     cu = kwargs.get("cu_seq_lens_q")
@@ -279,10 +293,6 @@ def _document_bounds(rt: _Runtime, kwargs: Dict[str, Any], B: int, L: int,
         return _bounds_from_positions(rt, position_ids, B, L, device)
     return _rows_as_documents(B, L, device), L, True
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The attention function registered with transformers
-# ---------------------------------------------------------------------------------------------------------
 
 def _refuse_runtime_features(module: torch.nn.Module, dropout: float, is_causal: Optional[bool],
                              kwargs: Dict[str, Any]) -> None:
@@ -319,9 +329,20 @@ def _sdpa_with_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             raise ValueError(f"expected a 2D padding mask [B, L_k] or none, got shape {tuple(attention_mask.shape)}")
         pad = attention_mask[:, -Lk:].to(torch.bool)[:, None, None, :]
         mask = pad if mask is None else mask & pad
+        if Lq > 1:
+            # A padding query would see no key at all (NaN rows on some SDPA backends): let it see itself.
+            rows = torch.arange(Lq, device=query.device)[:, None] + (Lk - Lq)
+            own = torch.arange(Lk, device=query.device)[None, :] == rows
+            mask = mask | own[None, None]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: activation checkpointing recomputes the forward there, which
+    must not be counted twice in the stats."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _to_varlen(x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +364,12 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if query.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
         raise ValueError(f"InfLLM attention needs equal q/k/v head dims, got {query.shape[-1]}, "
                          f"{key.shape[-1]}, {value.shape[-1]}")
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast HF's RoPE returns fp32 q/k (fp32 cos/sin) beside a bf16 v; SDPA would be cast by
+        # autocast, the kernels are not, so cast here the same way.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     B, Hq, L, d = query.shape
     Lk = key.shape[2]
     if Lk != L or attention_mask is not None:
@@ -356,7 +383,7 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     dense_len = -1 if mode == "sparse" else cfg.dense_len
 
     acc = rt.stats
-    if acc.enabled and getattr(module, "layer_idx", 0) in (0, None):
+    if acc.enabled and getattr(module, "layer_idx", 0) in (0, None) and not _in_backward():
         with torch.no_grad():
             lengths = cu[1:] - cu[:-1]
             attended, causal = _block_counts(lengths, cfg.block_size, cfg.k_eff)
@@ -382,7 +409,7 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
     q, k, v = _to_varlen(query), _to_varlen(key), _to_varlen(value)
     kw = rt.kernel_kwargs()
-    if acc.time_selection and getattr(module, "layer_idx", 0) in (0, None):
+    if acc.time_selection and getattr(module, "layer_idx", 0) in (0, None) and not _in_backward():
         # Measurement mode: selection is fused into infllm_v2_attn_varlen, so it is timed by one extra call.
         with torch.no_grad(), acc.timer("select", query.device):
             infllm_v2_select(q, k, cu, max_seqlen, softmax_scale=scaling, **kw)
@@ -418,10 +445,6 @@ def register() -> None:
 register()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Build-time checks and the swap
-# ---------------------------------------------------------------------------------------------------------
-
 def _text_configs(config: Any) -> List[Any]:
     out = [config]
     for key in getattr(config, "sub_configs", {}) or {}:
@@ -434,8 +457,8 @@ def _text_configs(config: Any) -> List[Any]:
 def check_supported(model: torch.nn.Module, cfg: AttentionConfig) -> None:
     """Refuse, with the reason, what the attention cannot honour (raised before anything is changed)."""
     if cfg.name == "infllm_v1":
-        raise ConfigError("attention.name: infllm_v1 (training-free context memory) is not implemented by "
-                          "infllm.attention yet; use dense or infllm_v2")
+        raise ConfigError("attention.name: infllm_v1 is applied by infllm.attention_v1.apply_infllm_v1 "
+                          "(apply_attention delegates to it), not checked here")
     if cfg.use_nope:
         raise ConfigError("attention.use_nope: scoring blocks with pre-RoPE q/k is not supported yet (transformers "
                           "applies RoPE before the attention function); set use_nope: false")
@@ -502,9 +525,17 @@ def apply_attention(model: torch.nn.Module, attn_cfg: AttentionConfig) -> torch.
     """Make `model` run InfLLM attention (in place; returns it). Parameters are untouched.
 
     name=dense -> "infllm_dense" (always dense; `sparse_config` removed from the config),
-    name=infllm_v2 -> "infllm_v2" (switch by dense_len; `config.sparse_config` written for save_pretrained)."""
+    name=infllm_v2 -> "infllm_v2" (switch by dense_len; `config.sparse_config` written for save_pretrained),
+    name=infllm_v1 -> delegated to infllm.attention_v1.apply_infllm_v1 (eval-only context memory)."""
     if isinstance(attn_cfg, dict):
         attn_cfg = AttentionConfig(**attn_cfg)
+    if attn_cfg.name == "infllm_v1":
+        # Training-free context memory (eval only) lives in its own module; one entry point for load_model.
+        try:
+            from infllm.attention_v1 import apply_infllm_v1
+        except ImportError as e:
+            raise ConfigError(f"attention.name: infllm_v1 needs infllm.attention_v1, which failed to import ({e})")
+        return apply_infllm_v1(model, attn_cfg)
     check_supported(model, attn_cfg)
     impl = ATTN_DENSE if attn_cfg.name == "dense" else ATTN_SPARSE
     model.set_attn_implementation(impl)
@@ -544,11 +575,15 @@ def attention_mode(model: torch.nn.Module, mode: Optional[str]) -> Iterator[torc
 
 
 def get_sparse_stats(model: torch.nn.Module, reset: bool = False) -> SparseStats:
-    """Stats since the last reset (one host sync). With reset=True the counters restart."""
-    rt = _model_runtime(model)
-    stats = rt.stats.snapshot()
+    """Stats since the last reset (one host sync); also a read-only dict (density, sparse_token_fraction,
+    sparse_tokens, dense_tokens[, select_ms, attention_ms, select_fraction]). Empty (falsy) when nothing was
+    counted or the model has no InfLLM attention. With reset=True the counters restart."""
+    rts = _runtimes(model)
+    if not rts:
+        return SparseStats()
+    stats = rts[0].stats.snapshot()
     if reset:
-        rt.stats.reset()
+        rts[0].stats.reset()
     return stats
 
 

@@ -96,7 +96,10 @@ def save_checkpoint(run_dir: str, step: int, files: Dict[str, Any], keep_last: i
         writer(os.path.join(tmp, name))
     sync()
     if is_main:
-        sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        # Every file, sub-directories included (DeepSpeed writes its own into zero/), by relative path.
+        sizes = {os.path.relpath(os.path.join(d, n), tmp): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(tmp) for n in names}
+        sizes = dict(sorted(sizes.items()))
         write_json(os.path.join(tmp, MANIFEST), {"format": FORMAT_VERSION, "step": step, "files": sizes})
         _fsync_dir(tmp)
         if os.path.exists(final):

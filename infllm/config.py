@@ -30,6 +30,28 @@ ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling for short-to-long, passed to transformers' own implementations. type null = unchanged."""
+    # linear | dynamic | yarn | llama3 | longrope
+    type: Optional[str] = None
+    factor: Optional[float] = None
+    # Defaults to the model's native max_position_embeddings.
+    original_max_position_embeddings: Optional[int] = None
+    # yarn
+    beta_fast: Optional[float] = None
+    beta_slow: Optional[float] = None
+    attention_factor: Optional[float] = None
+    # llama3
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+
+    def as_rope_parameters(self) -> Dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "type" and v is not None}
+        out["rope_type"] = self.type
+        return out
+
+
+@dataclass
 class ModelConfig:
     # A local Hugging Face causal-LM directory; null = the embedded default (SmolLM2-135M-Instruct GGUF).
     path: Optional[str] = None
@@ -37,12 +59,11 @@ class ModelConfig:
     random_init: bool = False
     # For random_init: a transformers config as a dict, e.g. {model_type: llama, hidden_size: 64, ...}.
     arch: Dict[str, Any] = field(default_factory=dict)
-    # Parameter dtype: auto (fp32 on CPU, bf16 weights never: we train in fp32 master weights + autocast)
+    # Master-weight dtype (bf16 autocast on GPU comes from trainer.precision).
     dtype: str = "float32"
     # Short-to-long RoPE settings, written into the saved config.
     rope_theta: Optional[float] = None
-    # {type: linear|dynamic|yarn|llama3|longrope, factor: 4.0, ...} as transformers expects.
-    rope_scaling: Optional[Dict[str, Any]] = None
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     max_position_embeddings: Optional[int] = None
     # Where the embedded GGUF is converted to safetensors once; null = $INFLLM_CACHE or ~/.cache/infllm.
     cache_dir: Optional[str] = None
@@ -50,19 +71,48 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                f"expected float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.rope_scaling is not None:
-            rtype = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            _check(rtype in ROPE_SCALING_TYPES, "model.rope_scaling.type",
-                   f"expected one of {ROPE_SCALING_TYPES}, got {rtype!r}")
-            if rtype != "dynamic" or "factor" in self.rope_scaling:
-                factor = self.rope_scaling.get("factor")
-                _check(factor is not None and float(factor) >= 1.0, "model.rope_scaling.factor",
-                       f"expected a number >= 1, got {factor!r}")
+        rs = self.rope_scaling
+        if rs.type is not None:
+            _check(rs.type in ROPE_SCALING_TYPES, "model.rope_scaling.type",
+                   f"expected one of {ROPE_SCALING_TYPES} (or null), got {rs.type!r}")
+            _check(rs.factor is not None and rs.factor >= 1.0, "model.rope_scaling.factor",
+                   f"expected a number >= 1 with rope_scaling.type={rs.type}, got {rs.factor!r}")
         if self.rope_theta is not None:
             _check(self.rope_theta > 0, "model.rope_theta", f"expected > 0, got {self.rope_theta}")
         if self.random_init:
             _check("model_type" in self.arch, "model.arch.model_type",
                    "random_init needs model.arch with at least model_type (e.g. llama)")
+
+
+@dataclass
+class InfLLMv1Config:
+    """InfLLM (v1) training-free context memory (infllm/attention_v1.py; the math: kernels/infllm_v1/README.md).
+    Defaults as published for Mistral-7B (32k native); conf/attention/infllm_v1_small.yaml scales them down."""
+    # Tokens per memory unit.
+    block_size: int = 128
+    # The first n_init tokens are always attended (attention sinks).
+    n_init: int = 128
+    # Local window: each query attends its n_local most recent tokens (itself included) at their true positions.
+    n_local: int = 4096
+    # Memory units retrieved per query chunk and KV head (0 = none: initial tokens + local window only).
+    topk: int = 16
+    # Keys that represent a unit in retrieval: those that received the most attention inside the local window.
+    repr_topk: int = 4
+    # Query tokens per chunk; retrieval runs once per chunk.
+    exc_block_size: int = 512
+    # Where the initial tokens sit: memory (as in InfLLM: at the memory distance n_local from every query, like
+    # every token outside the local window) | true (their real distance, which grows past the trained length).
+    sink_position: str = "memory"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "n_local", "repr_topk", "exc_block_size"):
+            _check(getattr(self, name) > 0, f"attention.v1.{name}", f"must be positive, got {getattr(self, name)}")
+        for name in ("n_init", "topk"):
+            _check(getattr(self, name) >= 0, f"attention.v1.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.repr_topk <= self.block_size, "attention.v1.repr_topk",
+               f"must be <= block_size={self.block_size} (a unit has block_size keys), got {self.repr_topk}")
+        _check(self.sink_position in ("memory", "true"), "attention.v1.sink_position",
+               f"expected memory or true, got {self.sink_position!r}")
 
 
 @dataclass
@@ -83,7 +133,7 @@ class AttentionConfig:
     # Dense documents: auto (flash-attn varlen if installed, else SDPA) | flash_attn | sdpa
     dense_backend: str = "auto"
     # InfLLM (v1) context memory, used when name == infllm_v1.
-    v1: Dict[str, Any] = field(default_factory=dict)
+    v1: InfLLMv1Config = field(default_factory=InfLLMv1Config)
 
     def __post_init__(self) -> None:
         _check(self.name in ("dense", "infllm_v2", "infllm_v1"), "attention.name",
@@ -203,18 +253,30 @@ class LoggerConfig:
 
 @dataclass
 class ParallelConfig:
-    # single (one process) | deepspeed (torchrun + DeepSpeed ZeRO)
+    # single (one process) | deepspeed (torchrun + DeepSpeed ZeRO; see infllm/parallel.py, launch/README.md)
     engine: str = "single"
+    # 1: optimizer state sharded | 2: + gradients | 3: + parameters (gathered layer by layer)
     zero_stage: int = 2
+    # Optimizer state (and its update) on CPU; parameters on CPU (stage 3 only).
     offload_optimizer: bool = False
     offload_params: bool = False
-    # Expected world size (0 = whatever torchrun gives).
+    # Expected world size (0 = whatever torchrun gives); a different launch fails before training.
     world_size: int = 0
+    # Collective timeout: a rank waits this long for the others (e.g. while rank 0 exports or evaluates).
+    timeout_minutes: int = 60
+    # Merged last into the generated DeepSpeed config, for knobs not exposed here; new keys take a `+` on the
+    # command line: +parallel.extra.zero_optimization.reduce_bucket_size=5e8
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.engine in ("single", "deepspeed"), "parallel.engine",
                f"expected single or deepspeed, got {self.engine!r}")
-        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"expected 0..3, got {self.zero_stage}")
+        _check(self.zero_stage in (1, 2, 3), "parallel.zero_stage",
+               f"expected 1, 2 or 3 (ZeRO-1 costs no more than plain data parallel), got {self.zero_stage}")
+        _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params",
+               f"parameter offload needs zero_stage=3, got zero_stage={self.zero_stage}")
+        _check(self.world_size >= 0, "parallel.world_size", f"must be >= 0 (0 = any), got {self.world_size}")
+        _check(self.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
 
 
 @dataclass

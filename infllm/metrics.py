@@ -29,10 +29,11 @@ def device_peak_tflops(device: torch.device) -> Optional[float]:
 def matmul_params(model: torch.nn.Module) -> int:
     """Parameters that take part in a matmul per token: all but the input embedding (a lookup).
     With tied embeddings the lm_head matmul still costs vocab x hidden, so count it once."""
-    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each rank a shard of every parameter; ds_numel is the full size.
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb
-    return total if tied else total - emb.numel()
+    return total if tied else total - getattr(emb, "ds_numel", emb.numel())
 
 
 def attention_flops_per_layer(q_heads: int, head_dim: int, attended_pairs: float) -> float:

@@ -146,13 +146,11 @@ def apply_rope_settings(config, model_cfg: ModelConfig) -> None:
     native_len = getattr(config, "max_position_embeddings", None)
     if model_cfg.rope_theta is not None:
         params["rope_theta"] = float(model_cfg.rope_theta)
-    if model_cfg.rope_scaling is not None:
-        scaling = dict(model_cfg.rope_scaling)
-        rtype = scaling.pop("type", None) or scaling.pop("rope_type")
+    if model_cfg.rope_scaling.type is not None:
+        scaling = model_cfg.rope_scaling.as_rope_parameters()
         params = {k: v for k, v in params.items() if k == "rope_theta"}
-        params["rope_type"] = rtype
         params.update(scaling)
-        if rtype in ("yarn", "llama3", "longrope", "dynamic") and native_len:
+        if scaling["rope_type"] in ("yarn", "llama3", "longrope", "dynamic") and native_len:
             params.setdefault("original_max_position_embeddings", native_len)
     if params:
         config.rope_parameters = params

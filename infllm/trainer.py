@@ -41,22 +41,23 @@ def model_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
 
 def warn_if_beyond_native_length(model: torch.nn.Module, seq_len: int, cfg: Config) -> None:
     native = getattr(model.config, "max_position_embeddings", None)
-    rope_changed = cfg.model.rope_scaling is not None or cfg.model.rope_theta is not None
+    rope_changed = cfg.model.rope_scaling.type is not None or cfg.model.rope_theta is not None
     if native and seq_len > native and not rope_changed:
         log.warning("trainer.seq_len=%d is beyond the model's native length %d and RoPE is unchanged "
                     "(set model.rope_theta or model.rope_scaling for short-to-long); training anyway",
                     seq_len, native)
 
 
-def save_hf(model: torch.nn.Module, tokenizer, out_dir: str) -> str:
+def save_hf(model: torch.nn.Module, tokenizer, out_dir: str,
+            state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
     """Export in Hugging Face format, atomically: plain transformers loads it (sparse_config documents the
-    attention it was trained with)."""
+    attention it was trained with). `state_dict`: the weights when the module does not hold them (ZeRO-3)."""
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     import shutil
 
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if os.path.exists(out_dir):
@@ -149,6 +150,14 @@ class Trainer:
         log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """A signal can reach the ranks during different steps: they agree (any rank asked) so that all of
+        them stop after the same step and save the checkpoint together."""
+        asked = self._stop_signal is not None
+        if self.engine.is_distributed:
+            asked = self.engine.all_reduce_sum(int(asked)) > 0
+        return asked
+
     def _micro_batches(self, it: Iterator[PackedBatch]) -> List[PackedBatch]:
         return [next(it) for _ in range(self.cfg.trainer.grad_accum_steps)]
 
@@ -221,9 +230,9 @@ class Trainer:
                     self.run_eval()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self.save_checkpoint()
-                    log.warning("stopped by signal %d at step %d; resume with checkpoint.resume=auto",
+                    log.warning("stopped by signal %s at step %d; resume with checkpoint.resume=auto",
                                 self._stop_signal, self.step)
                     return self.last_metrics
             if self.step >= cfg.trainer.max_steps:
@@ -272,7 +281,7 @@ class Trainer:
         model = self.engine.module
         stats = _get_sparse_stats(model)
         pairs = sum(causal_pairs(b.cu_seqlens) for b in batches) * self.engine.world_size
-        density = stats.get("density") if stats else None
+        density = stats.get("density")
         attended = pairs * density if density is not None else pairs
         flops = train_flops(model, n_tokens, attended)
         m = {"step": self.step, "loss": out["loss"], "lr": self.engine.lr(), "grad_norm": out["grad_norm"],
@@ -302,7 +311,8 @@ def _get_sparse_stats(model) -> Dict[str, Any]:
         from infllm.attention import get_sparse_stats
     except ImportError:
         return {}
-    return get_sparse_stats(model) or {}
+    stats = get_sparse_stats(model)
+    return stats.as_dict() if stats is not None else {}
 
 
 def _reset_sparse_stats(model) -> None:

@@ -133,7 +133,7 @@ def test_beyond_native_length_warns(tmp_path, caplog):
 
 def test_rope_scaling_written_into_saved_config(tmp_path):
     run = str(tmp_path / "run")
-    cfg = compose_config(DEBUG + ["trainer.max_steps=1", "model.rope_scaling={type:yarn,factor:4.0}",
+    cfg = compose_config(DEBUG + ["trainer.max_steps=1", "model.rope_scaling.type=yarn", "model.rope_scaling.factor=4.0",
                                   "model.rope_theta=50000"], output_dir=run)
     Trainer.build(cfg).fit()
     saved = json.load(open(os.path.join(run, "final", "config.json")))

@@ -36,7 +36,11 @@ class EvalConfig:
     # Haystack of the needle tasks: filler (repeated sentences) | corpus (held-out real text of cfg.data,
     # stdlib sources when the data pipeline is absent) | auto (passkey: filler, the others: corpus).
     haystack: str = "auto"
-    # Per-task overrides of the generator's knobs, e.g. {niah_multikey: {num_keys: 8}}; see infllm/eval/tasks.py.
+    # Real text for haystacks and perplexity: data (held-out documents of cfg.data, topped up with stdlib
+    # packages when too few are long enough) | stdlib (stdlib packages only; no corpus preparation, for tests).
+    corpus: str = "data"
+    # Per-task overrides of the generator's knobs (see infllm/eval/tasks.py), e.g. {niah_multikey: {num_keys: 8}};
+    # on the command line: +eval.task_params.niah_multikey.num_keys=8
     task_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # teacher_forced (one forward, argmax + log-prob of the answer tokens) | generate (greedy) | both
     scoring: str = "teacher_forced"
@@ -78,6 +82,7 @@ class EvalConfig:
         _check(self.samples >= 1, "eval.samples", f"must be >= 1, got {self.samples}")
         _check(self.haystack in ("auto", "filler", "corpus"), "eval.haystack",
                f"expected auto, filler or corpus, got {self.haystack!r}")
+        _check(self.corpus in ("data", "stdlib"), "eval.corpus", f"expected data or stdlib, got {self.corpus!r}")
         _check(self.scoring in ("teacher_forced", "generate", "both"), "eval.scoring",
                f"expected teacher_forced, generate or both, got {self.scoring!r}")
         _check(len(self.modes) > 0 and all(m in MODES for m in self.modes), "eval.modes",

@@ -1,7 +1,8 @@
 """Haystacks: the token streams needles are hidden in, and the held-out documents perplexity is measured on.
 
 A haystack is a token list plus the offsets where something may be inserted without splitting a word:
-the ends of filler sentences, or the ends of lines of real text. Everything is built in token space so a
+between repetitions of the filler (which starts with a space: insert " <needle>"), or at the ends of lines of
+real text, before the newline token (insert "\n<needle>"). Everything is built in token space so a
 sample's length and its needle's position are exact.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import random
 import sysconfig
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,12 @@ class Haystack:
     tokens: List[int]
     # Sorted offsets in [0, len(tokens)] where an insertion keeps words and lines whole.
     boundaries: List[int]
-    # Text that must precede / follow an inserted piece so it reads as its own sentence or line.
-    lead: str
-    tail: str
 
     def cut(self, start: int, length: int) -> "Haystack":
         """The window [start, start + length), boundaries kept relative to it (its two ends included)."""
         end = start + length
         inner = [b - start for b in self.boundaries if start < b < end]
-        return Haystack(self.tokens[start:end], [0] + inner + [length], self.lead, self.tail)
+        return Haystack(self.tokens[start:end], [0] + inner + [length])
 
     def nearest_boundary(self, offset: int) -> int:
         return min(self.boundaries, key=lambda b: (abs(b - offset), b))
@@ -55,32 +53,29 @@ def bos_prefix(tokenizer) -> List[int]:
 
 
 def filler_haystack(tokenizer, min_tokens: int, text: str = PASSKEY_FILLER) -> Haystack:
-    """`text` repeated until it has at least `min_tokens` tokens; insertions go between repetitions."""
-    unit = encode(tokenizer, text)
+    """`text` repeated until it has at least `min_tokens` tokens; insertions go between repetitions. Each
+    repetition starts with a space, so the words tokenise as they would in running text."""
+    unit = encode(tokenizer, " " + text.strip())
     reps = -(-min_tokens // len(unit)) + 1
-    return Haystack(unit * reps, [i * len(unit) for i in range(reps + 1)], lead="", tail=" ")
+    return Haystack(unit * reps, [i * len(unit) for i in range(reps + 1)])
 
 
 @functools.lru_cache(maxsize=8)
-def _newline_token_ids(tokenizer) -> frozenset:
-    # Only tokens that end a line: one like "\n    " would leave an inserted line indented.
-    ids = set()
-    for i in range(len(tokenizer)):
-        if tokenizer.decode([i]).endswith("\n"):
-            ids.add(i)
-    return frozenset(ids)
+def _line_start_token_ids(tokenizer) -> frozenset:
+    """Tokens that begin with a newline ("\n", "\n\n", "\n    " ...): the place before one is a line end."""
+    return frozenset(i for i in range(len(tokenizer))
+                     if tokenizer.decode([i], clean_up_tokenization_spaces=False).startswith("\n"))
 
 
 def text_haystack(tokenizer, documents: Sequence[Sequence[int]]) -> Haystack:
-    """Real documents back to back; insertions go after a token that ends with a newline."""
-    newline_ids = _newline_token_ids(tokenizer)
+    """Real documents back to back; insertions go at line ends, before the newline token, so an inserted
+    "\n<needle>" becomes a line of its own and the next line keeps its indentation."""
+    line_starts = _line_start_token_ids(tokenizer)
     tokens: List[int] = []
     for doc in documents:
         tokens.extend(doc)
-    boundaries = [0] + [i + 1 for i, t in enumerate(tokens) if t in newline_ids]
-    if boundaries[-1] != len(tokens):
-        boundaries.append(len(tokens))
-    return Haystack(tokens, boundaries, lead="", tail="\n")
+    boundaries = [0] + [i for i, t in enumerate(tokens) if i > 0 and t in line_starts] + [len(tokens)]
+    return Haystack(tokens, boundaries)
 
 
 def _stdlib_package_documents(tokenizer):
@@ -121,35 +116,47 @@ def _data_heldout():
     return data_heldout
 
 
-def heldout_documents(data_cfg, tokenizer, min_tokens: int, n: int) -> List[List[int]]:
-    """Held-out documents of the user's corpus (data.heldout_documents), else stdlib packages."""
+def heldout_documents(data_cfg, tokenizer, min_tokens: int, n: int) -> Tuple[List[List[int]], int]:
+    """`n` documents of at least `min_tokens` tokens: the held-out documents of the user's corpus
+    (data.heldout_documents; data_cfg None = skip it), topped up with stdlib packages when there are too few.
+    Returns (documents, how many are really held out): the top-up may be text a model was trained on."""
+    docs: List[List[int]] = []
     data_heldout = _data_heldout() if data_cfg is not None else None
     if data_heldout is not None:
         try:
-            return [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=min_tokens, n=n)]
-        except Exception as e:  # a corpus too small for this length still deserves an eval
+            docs = [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=min_tokens, n=n)][:n]
+        except Exception as e:  # a broken corpus should not cost the whole eval
             log.warning("data.heldout_documents failed (%s); using stdlib sources for the eval corpus", e)
-    return stdlib_documents(tokenizer, min_tokens, n)
+    heldout = len(docs)
+    if heldout < n:
+        if data_heldout is not None:
+            log.warning("eval: %d of %d perplexity documents are held out; the rest are stdlib packages, which "
+                        "training on the embedded corpus may have seen", heldout, n)
+        docs += stdlib_documents(tokenizer, min_tokens, n - heldout)
+    return docs, heldout
 
 
 def corpus_haystack(data_cfg, tokenizer, min_tokens: int) -> Haystack:
-    """A real-text haystack of at least `min_tokens` tokens: held-out documents back to back."""
+    """A real-text haystack of at least `min_tokens` tokens: held-out documents back to back (data_cfg None =
+    skip them), followed by stdlib packages if they are too short. Needles make the answer, not the text, so
+    text seen in training is fine here."""
+    docs: List[List[int]] = []
     data_heldout = _data_heldout() if data_cfg is not None else None
     if data_heldout is not None:
         try:
-            docs = [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=256, n=256)]
-            if sum(map(len, docs)) >= min_tokens:
-                return text_haystack(tokenizer, docs)
-            log.warning("the held-out corpus has fewer than %d tokens; using stdlib sources", min_tokens)
+            docs = [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=256)]
         except Exception as e:
             log.warning("data.heldout_documents failed (%s); using stdlib sources for the haystack", e)
-    docs, total = [], 0
-    for ids in _stdlib_package_documents(tokenizer):
-        docs.append(ids)
-        total += len(ids)
-        if total >= min_tokens:
-            return text_haystack(tokenizer, docs)
-    raise RuntimeError(f"not enough stdlib text for a {min_tokens}-token haystack")
+    total = sum(map(len, docs))
+    if total < min_tokens:
+        for ids in _stdlib_package_documents(tokenizer):
+            docs.append(ids)
+            total += len(ids)
+            if total >= min_tokens:
+                break
+    if total < min_tokens:
+        raise RuntimeError(f"not enough text for a {min_tokens}-token haystack")
+    return text_haystack(tokenizer, docs)
 
 
 def random_window(hay: Haystack, length: int, rng: random.Random) -> Haystack:

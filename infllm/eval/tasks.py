@@ -62,6 +62,8 @@ class Sample:
     haystack_span: Tuple[int, int]
     # Where the target needle really sits: its insertion offset / haystack length.
     actual_depth: Optional[float] = None
+    # Which value is the target needle's (the one placed at `depth`).
+    target: int = 0
     meta: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,7 +89,7 @@ class HaystackPool:
     def filler(self, text: str, min_tokens: int) -> Haystack:
         hay = self._filler.get(text)
         if hay is None or len(hay.tokens) < min_tokens:
-            hay = filler_haystack(self.tokenizer, max(min_tokens, 1024), " " + text.strip())
+            hay = filler_haystack(self.tokenizer, max(min_tokens, 1024), text)
             self._filler[text] = hay
         return hay
 
@@ -142,6 +144,8 @@ class _Spec:
     values: List[str]
     separator: str = ","
     unordered: bool = False
+    # Index in `values` of the target needle's value.
+    target: int = 0
     filler_text: str = NOISE_FILLER
     meta: Dict[str, Any] = field(default_factory=dict)
 
@@ -152,7 +156,7 @@ def _assemble(tokenizer, spec: _Spec, task: str, length: int, depth: Optional[fl
     """Lay the spec out in `length` tokens around a haystack window; a given `hay` is used as it is."""
     corpus = haystack_kind == "corpus"
     # A piece in running text is its own sentence (filler) or its own line (real text).
-    lead, tail = ("", "\n") if corpus else (" ", "")
+    lead, tail = ("\n", "") if corpus else (" ", "")
     bos = bos_prefix(tokenizer)
     header = encode(tokenizer, spec.header + ("\n" if corpus else ""))
     pieces = []
@@ -200,7 +204,7 @@ def _assemble(tokenizer, spec: _Spec, task: str, length: int, depth: Optional[fl
                   value_positions=[value_pos.get(v, -1) for v in spec.values], unordered=spec.unordered,
                   context_len=context_len, haystack_span=(hay_start, hay_end),
                   actual_depth=(offsets[0] / hay_len) if (pieces and depth is not None) else None,
-                  meta=spec.meta)
+                  target=spec.target, meta=spec.meta)
 
 
 NIAH_HEADER = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
@@ -209,6 +213,11 @@ NIAH_HEADER = ("Some special magic numbers are hidden within the following text.
 
 def _niah_needle(key: str, value: str) -> List:
     return [f"One of the special magic numbers for {key} is", Value(value), "."]
+
+
+def _niah_answer(key: str) -> str:
+    # Ends like the needle ("... for {key} is"), so the answer follows the same words in both places.
+    return f"In the provided text, the special magic number for {key} is"
 
 
 def passkey(rng: random.Random, depth: float, digits: int = 5) -> _Spec:
@@ -225,8 +234,7 @@ def niah_single(rng: random.Random, depth: float, digits: int = 7) -> _Spec:
     key, v = _keys(rng, 1)[0], _number(rng, digits)
     return _Spec(header=NIAH_HEADER, pieces=[(depth, _niah_needle(key, v))],
                  question=f"What is the special magic number for {key} mentioned in the provided text?",
-                 answer_prefix=f"The special magic number for {key} mentioned in the provided text is",
-                 values=[v])
+                 answer_prefix=_niah_answer(key), values=[v])
 
 
 def niah_multikey(rng: random.Random, depth: float, num_keys: int = 4, digits: int = 7) -> _Spec:
@@ -236,7 +244,7 @@ def niah_multikey(rng: random.Random, depth: float, num_keys: int = 4, digits: i
     pieces += [(rng.random(), _niah_needle(k, v)) for k, v in zip(keys[1:], vals[1:])]
     return _Spec(header=NIAH_HEADER, pieces=pieces,
                  question=f"What is the special magic number for {keys[0]} mentioned in the provided text?",
-                 answer_prefix=f"The special magic number for {keys[0]} mentioned in the provided text is",
+                 answer_prefix=_niah_answer(keys[0]),
                  values=[vals[0]], meta={"distractor_keys": keys[1:]})
 
 
@@ -249,7 +257,7 @@ def niah_multivalue(rng: random.Random, depth: float, num_values: int = 4, digit
     return _Spec(header=NIAH_HEADER, pieces=[(d, _niah_needle(key, v)) for d, v in zip(depths, vals)],
                  question=f"What are all the special magic numbers for {key} mentioned in the provided text?",
                  answer_prefix=f"The special magic numbers for {key} mentioned in the provided text are",
-                 values=in_order, unordered=True)
+                 values=in_order, unordered=True, target=in_order.index(vals[0]))
 
 
 def niah_multiquery(rng: random.Random, depth: float, num_queries: int = 4, digits: int = 7) -> _Spec:
@@ -262,7 +270,7 @@ def niah_multiquery(rng: random.Random, depth: float, num_queries: int = 4, digi
     return _Spec(header=NIAH_HEADER, pieces=[(d, _niah_needle(k, v)) for d, k, v in zip(depths, keys, vals)],
                  question=f"What are the special magic numbers for {names} mentioned in the provided text?",
                  answer_prefix=f"The special magic numbers for {names} mentioned in the provided text are",
-                 values=[vals[i] for i in asked])
+                 values=[vals[i] for i in asked], target=asked.index(0))
 
 
 def variable_tracking(rng: random.Random, depth: float, num_hops: int = 4, num_chains: int = 1,
@@ -370,7 +378,7 @@ def make_sample(task: str, tokenizer, length: int, depth: Optional[float], index
     if task == "common_words":
         spec, tokens = common_words(tokenizer, rng, length, **params)
         return _assemble(tokenizer, spec, task, length, None, index, "filler", None, rng,
-                         hay=Haystack(tokens, [0, len(tokens)], "", ""))
+                         hay=Haystack(tokens, [0, len(tokens)]))
     if task not in _NEEDLE_TASKS:
         raise ValueError(f"unknown task {task!r}")
     kind = haystack if haystack != "auto" else ("filler" if task == "passkey" else "corpus")

@@ -54,15 +54,19 @@ TUNING = {
     "sparse_rows": 16,       # BLOCK_M of the sparse forward / dQ tile (rows = tokens x G heads)
     "dense_rows": 64,        # BLOCK_M of the dense-document forward / dQ tile
     "dkdv_rows": 64,         # query rows per step of the dK/dV loop
-    "fwd_warps": 4,
-    "fwd_stages": 3,
-    "dense_warps": 4,
-    "dense_stages": 3,
-    "dq_warps": 4,
-    "dq_stages": 3,
-    "dkdv_warps": 4,
-    "dkdv_stages": 3,
+    "dkdv_chunk": 16384,     # queries of one key block handled by one dK/dV program
+    "kv_tma": False,         # K/V blocks of the forward / dQ walks through TMA descriptors
+    # (num_warps, num_stages) per kernel kind and head dim; chosen so that nothing spills (ptxas report).
+    "fwd": {64: (4, 3), 128: (4, 3)},
+    "dq": {64: (4, 3), 128: (4, 2)},
+    "dense": {64: (4, 3), 128: (8, 2)},
+    "dkdv": {64: (4, 3), 128: (8, 2)},
 }
+
+
+# Allocation hooks: tests swap them for NaN-filled buffers to catch anything left unwritten.
+_empty = torch.empty
+_empty_like = torch.empty_like
 
 
 def _interpreting() -> bool:
@@ -81,14 +85,17 @@ def _tile_rows(group: int, target_rows: int) -> tuple[int, int]:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, K_DESC, V_DESC,
     CU, TILE_DOC, TILE_START,
     LIST, MASKS, COUNT,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, dense_len,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
+    # KV_TMA: K/V blocks through tensor descriptors (TMA on Hopper) instead of pointer tiles; rows past the
+    # document end are then read from the next document (or zero-filled past N) and masked out by causality.
     # MODE 0: one token per tile, its own block_idx row; 1: union of the tile's tokens; 2: dense documents.
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -110,13 +117,14 @@ def _fwd_kernel(
     rows = tl.arange(0, BLOCK_M)
     r_tok = rows // G
     row_ok = (rows < TOK * G) & (r_tok < n_tok)
-    q_tok = (tok0 + r_tok).to(tl.int64)                      # [BLOCK_M] global token of each row
     q_pos = tok0 + r_tok - doc_start                         # [BLOCK_M] position in the document
     head_q = g * G + rows % G                                # [BLOCK_M]
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
-
-    q = tl.load(Q + q_tok[:, None] * stride_qn + head_q[:, None] * stride_qh + offs_d[None, :],
+    # 64-bit scalar bases, small 32-bit offsets inside the tile.
+    tile_q = Q + tok0.to(tl.int64) * stride_qn + (g * G) * stride_qh
+    tile_o = O + tok0.to(tl.int64) * stride_on + (g * G) * stride_oh
+    q = tl.load(tile_q + r_tok[:, None] * stride_qn + (rows % G)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)             # [BLOCK_M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)      # [BLOCK_M] running max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                    # [BLOCK_M] running sum
@@ -148,9 +156,12 @@ def _fwd_kernel(
             member = row_ok
         k_pos = blk * BLOCK_N + offs_n                       # [BLOCK_N] position in the document
         k_ok = (k_pos < doc_len) & (blk >= 0)
-        k_tok = (doc_start + k_pos).to(tl.int64)
-        k_t = tl.load(K + k_tok[None, :] * stride_kn + g * stride_kh + offs_d[:, None],
-                      mask=k_ok[None, :], other=0.0)         # [D, BLOCK_N]
+        k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
+        if KV_TMA:
+            k_t = tl.trans(K_DESC.load([doc_start + blk * BLOCK_N, g * D]))          # [D, BLOCK_N]
+        else:
+            k_t = tl.load(K + k_row0 * stride_kn + g * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                          mask=k_ok[None, :], other=0.0)     # [D, BLOCK_N]
         s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale   # [BLOCK_M, BLOCK_N]
         allowed = member[:, None] & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
@@ -160,23 +171,26 @@ def _fwd_kernel(
         p = tl.exp2(s - m_use[:, None])                      # [BLOCK_M, BLOCK_N]
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + k_tok[:, None] * stride_vn + g * stride_vh + offs_d[None, :],
-                    mask=k_ok[:, None], other=0.0)           # [BLOCK_N, D]
+        if KV_TMA:
+            v = V_DESC.load([doc_start + blk * BLOCK_N, g * D])                         # [BLOCK_N, D]
+        else:
+            v = tl.load(V + k_row0 * stride_vn + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)       # [BLOCK_N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    tl.store(O + q_tok[:, None] * stride_on + head_q[:, None] * stride_oh + offs_d[None, :],
+    tl.store(tile_o + r_tok[:, None] * stride_on + (rows % G)[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
     # A row with no allowed key stores +inf: its probabilities are exactly 0 in the backward.
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
-    tl.store(LSE + head_q.to(tl.int64) * n_tokens + q_tok, lse, mask=row_ok)
+    tl.store(LSE + head_q.to(tl.int64) * n_tokens + tok0 + r_tok, lse, mask=row_ok)
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA,
+    Q, K, V, O, DO, DQ, LSE, DELTA, K_DESC, V_DESC,
     CU, TILE_DOC, TILE_START,
     LIST, MASKS, COUNT,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
@@ -184,6 +198,7 @@ def _dq_kernel(
     list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, sm_scale, dense_len,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     # Same tiles and block walk as _fwd_kernel; dQ = scale * sum_blocks dS K with dS = P * (dO V^T - delta).
     pid = tl.program_id(0)
@@ -206,20 +221,24 @@ def _dq_kernel(
     rows = tl.arange(0, BLOCK_M)
     r_tok = rows // G
     row_ok = (rows < TOK * G) & (r_tok < n_tok)
-    q_tok = (tok0 + r_tok).to(tl.int64)
     q_pos = tok0 + r_tok - doc_start
     head_q = g * G + rows % G
+    head_in = rows % G
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
 
-    row_off = q_tok[:, None] * stride_qn + head_q[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)                      # [BLOCK_M, D]
-    do = tl.load(DO + q_tok[:, None] * stride_don + head_q[:, None] * stride_doh + offs_d[None, :],
+    tile0 = tok0.to(tl.int64)
+    q = tl.load(Q + tile0 * stride_qn + (g * G) * stride_qh
+                + r_tok[:, None] * stride_qn + head_in[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)                                    # [BLOCK_M, D]
+    do = tl.load(DO + tile0 * stride_don + (g * G) * stride_doh
+                 + r_tok[:, None] * stride_don + head_in[:, None] * stride_doh + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)                                   # [BLOCK_M, D]
-    o = tl.load(O + q_tok[:, None] * stride_on + head_q[:, None] * stride_oh + offs_d[None, :],
+    o = tl.load(O + tile0 * stride_on + (g * G) * stride_oh
+                + r_tok[:, None] * stride_on + head_in[:, None] * stride_oh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)                                    # [BLOCK_M, D]
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)                   # [BLOCK_M]
-    stat_off = head_q.to(tl.int64) * n_tokens + q_tok
+    stat_off = head_q.to(tl.int64) * n_tokens + tok0 + r_tok
     tl.store(DELTA + stat_off, delta, mask=row_ok)
     lse = tl.load(LSE + stat_off, mask=row_ok, other=float("inf"))                # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -249,11 +268,15 @@ def _dq_kernel(
             member = row_ok
         k_pos = blk * BLOCK_N + offs_n
         k_ok = (k_pos < doc_len) & (blk >= 0)
-        k_tok = (doc_start + k_pos).to(tl.int64)
-        k = tl.load(K + k_tok[:, None] * stride_kn + g * stride_kh + offs_d[None, :],
-                    mask=k_ok[:, None], other=0.0)                                  # [BLOCK_N, D]
-        v_t = tl.load(V + k_tok[None, :] * stride_vn + g * stride_vh + offs_d[:, None],
-                      mask=k_ok[None, :], other=0.0)                                # [D, BLOCK_N]
+        k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
+        if KV_TMA:
+            k = K_DESC.load([doc_start + blk * BLOCK_N, g * D])                         # [BLOCK_N, D]
+            v_t = tl.trans(V_DESC.load([doc_start + blk * BLOCK_N, g * D]))            # [D, BLOCK_N]
+        else:
+            k = tl.load(K + k_row0 * stride_kn + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)                              # [BLOCK_N, D]
+            v_t = tl.load(V + k_row0 * stride_vn + g * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None],
+                          mask=k_ok[None, :], other=0.0)                            # [D, BLOCK_N]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale            # [BLOCK_M, BLOCK_N]
         allowed = member[:, None] & (k_pos[None, :] <= q_pos[:, None])
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)                       # [BLOCK_M, BLOCK_N]
@@ -261,66 +284,32 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)                  # [BLOCK_M, D]
 
-    tl.store(DQ + q_tok[:, None] * stride_dqn + head_q[:, None] * stride_dqh + offs_d[None, :],
+    tl.store(DQ + tile0 * stride_dqn + (g * G) * stride_dqh
+             + r_tok[:, None] * stride_dqn + head_in[:, None] * stride_dqh + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    CU, BLK_DOC, BLK_START, OFFSETS, QTOK,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-    n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len,
+def _dkdv_steps(
+    Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, n_q, q_base,
+    stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # One key block x one KV head. Its queries come TOK tokens (x G heads = rows) at a time from the inverted
-    # index (sparse documents) or from every later token of the document (dense documents).
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    doc = tl.load(BLK_DOC + pid)
-    if doc < 0:
-        return
-    doc_start = tl.load(CU + doc)
-    doc_end = tl.load(CU + doc + 1)
-    is_dense = doc_end - doc_start < dense_len
-    if DENSE:
-        if not is_dense:
-            return
-    else:
-        if is_dense:
-            return
-    blk_tok0 = tl.load(BLK_START + pid)
-
-    offs_n = tl.arange(0, BLOCK_N)
+    # dK, dV of one key block [BLOCK_N, D] (fp32, dK not yet scaled) over n_q query tokens, TOK at a time:
+    # QTOK[lo : lo + n_q] (sparse) or q_base, q_base + 1, ... (dense).
     offs_d = tl.arange(0, D)
-    k_tok = blk_tok0 + offs_n                                   # [BLOCK_N] global key tokens
-    k_ok = k_tok < doc_end
-    k_tok64 = k_tok.to(tl.int64)
-    k = tl.load(K + k_tok64[:, None] * stride_kn + g * stride_kh + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
-    v = tl.load(V + k_tok64[:, None] * stride_vn + g * stride_vh + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
-
     rows = tl.arange(0, BLOCK_M)
     r_tok = rows // G
     row_in = rows < TOK * G
     head_q = g * G + rows % G                                   # [BLOCK_M]
-    if DENSE:
-        lo = 0
-        n_q = doc_end - blk_tok0
-    else:
-        lo = tl.load(OFFSETS + g * n_blk_tiles + pid)
-        n_q = tl.load(OFFSETS + g * n_blk_tiles + pid + 1) - lo
-
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
     for j in range(0, n_q, TOK):
         slot = j + r_tok
         ok = row_in & (slot < n_q)
         if DENSE:
-            q_tok = blk_tok0 + slot
+            q_tok = q_base + slot
         else:
             q_tok = tl.load(QTOK + lo + slot, mask=ok, other=0)  # [BLOCK_M]
         q_tok64 = q_tok.to(tl.int64)
@@ -338,10 +327,89 @@ def _dkdv_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)               # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)  # [BLOCK_N, D]
+    return dk, dv
 
-    tl.store(DK + k_tok64[:, None] * stride_dkn + g * stride_dkh + offs_d[None, :],
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    CU, BLK_DOC, BLK_START, OFFSETS, QTOK,
+    EX_KEY, EX_LO, EX_FIRST, DK_PART, DV_PART,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len, chunk,
+    G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    PHASE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # PHASE 0: a key block of a dense document over every later token of the document.
+    # PHASE 1: a key block of a sparse document over the first `chunk` queries of its inverted-index list, plus
+    #          the partial sums that PHASE 2 left for the rest of a long list (attention-sink blocks are
+    #          selected by every token: splitting keeps one program from serialising the whole launch).
+    # PHASE 2: one further chunk of a long list -> fp32 partial dK, dV in DK_PART / DV_PART.
+    pid = tl.program_id(0)
+    if PHASE == 2:
+        key = tl.load(EX_KEY + pid)
+        if key < 0:
+            return
+        g = key // n_blk_tiles
+        blk_tile = key % n_blk_tiles
+    else:
+        g = tl.program_id(1)
+        blk_tile = pid
+        key = g * n_blk_tiles + blk_tile
+    doc = tl.load(BLK_DOC + blk_tile)
+    if doc < 0:
+        return
+    doc_start = tl.load(CU + doc)
+    doc_end = tl.load(CU + doc + 1)
+    is_dense = doc_end - doc_start < dense_len
+    if PHASE == 0:
+        if not is_dense:
+            return
+    else:
+        if is_dense:
+            return
+    blk_tok0 = tl.load(BLK_START + blk_tile)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_tok = blk_tok0 + offs_n                                   # [BLOCK_N] global key tokens
+    k_ok = k_tok < doc_end
+    blk0 = blk_tok0.to(tl.int64)
+    k = tl.load(K + blk0 * stride_kn + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
+    v = tl.load(V + blk0 * stride_vn + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)                  # [BLOCK_N, D]
+    part_off = offs_n[:, None] * D + offs_d[None, :]            # [BLOCK_N, D] in a partial tile
+
+    if PHASE == 0:
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, 0, doc_end - blk_tok0, blk_tok0,
+                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
+                             G, TOK, BLOCK_M, BLOCK_N, D, True, DOT_PREC)
+    elif PHASE == 1:
+        lo = tl.load(OFFSETS + key)
+        hi = tl.load(OFFSETS + key + 1)
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk), 0,
+                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
+                             G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC)
+        first = tl.load(EX_FIRST + key)
+        n_extra = tl.maximum(tl.cdiv(hi - lo, chunk) - 1, 0)
+        for e in range(first, first + n_extra):
+            dk += tl.load(DK_PART + e * (BLOCK_N * D) + part_off)
+            dv += tl.load(DV_PART + e * (BLOCK_N * D) + part_off)
+    else:
+        lo = tl.load(EX_LO + pid)
+        hi = tl.load(OFFSETS + key + 1)
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk), 0,
+                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
+                             G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC)
+        tl.store(DK_PART + pid * (BLOCK_N * D) + part_off, dk)
+        tl.store(DV_PART + pid * (BLOCK_N * D) + part_off, dv)
+        return
+
+    tl.store(DK + blk0 * stride_dkn + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
-    tl.store(DV + k_tok64[:, None] * stride_dvn + g * stride_dvh + offs_d[None, :],
+    tl.store(DV + blk0 * stride_dvn + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
@@ -412,8 +480,8 @@ def _inverted_index(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, first_blo
     cu = cu_seqlens.to(torch.int64)
     tokens = torch.arange(n_tokens, device=device)
     doc_of_token = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=max(cu.numel() - 2, 0))
-    global_block = first_block[doc_of_token][None, :, None] + block_idx.to(torch.int64)      # [H, N, K]
-    head = torch.arange(h_kv, device=device)[:, None, None]
+    global_block = (first_block[doc_of_token].to(torch.int32)[None, :, None] + block_idx)        # [H, N, K]
+    head = torch.arange(h_kv, device=device, dtype=torch.int32)[:, None, None]
     sentinel = h_kv * n_blk_tiles
     key = torch.where(block_idx >= 0, head * n_blk_tiles + global_block, sentinel).reshape(-1)
     key_sorted, order = torch.sort(key, stable=True)
@@ -421,6 +489,25 @@ def _inverted_index(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, first_blo
     bounds = torch.arange(sentinel + 1, device=device, dtype=key_sorted.dtype)
     offsets = torch.searchsorted(key_sorted, bounds).to(torch.int32)
     return qtok, offsets
+
+
+def _list_chunks(offsets: torch.Tensor, n_entries: int, chunk: int):
+    """Chunks after the first of each (head, block) list longer than `chunk`: EX_KEY int32 [E] (the list, or -1
+    for unused items), EX_LO int32 [E] (first entry of the chunk), EX_FIRST int32 [H * NBT] (index of the list's
+    first extra chunk). E = ceil(total entries / chunk) bounds the number of extra chunks statically."""
+    lens = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    n_extra = ((lens + chunk - 1) // chunk - 1).clamp(min=0)
+    ends = torch.cumsum(n_extra, 0)
+    n_items = max(1, triton.cdiv(n_entries, chunk))
+    e = torch.arange(n_items, device=offsets.device)
+    key = torch.searchsorted(ends, e, right=True)
+    valid = key < lens.numel()
+    key_c = key.clamp(max=lens.numel() - 1)
+    first = ends - n_extra
+    lo = offsets[:-1].to(torch.int64)[key_c] + (e - first[key_c] + 1) * chunk
+    ex_key = torch.where(valid, key_c, -1).to(torch.int32)
+    ex_lo = torch.where(valid, lo, 0).to(torch.int32)
+    return ex_key, ex_lo, first.to(torch.int32), n_items
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -444,10 +531,12 @@ def _sparse_plan(group: int):
     return rows, tok, (0 if tok == 1 else 1)
 
 
-def _launch_opts(kind: str) -> dict:
+def _launch_opts(kind: str, head_dim: int) -> dict:
     if _interpreting():
         return {}
-    return {"num_warps": TUNING[f"{kind}_warps"], "num_stages": TUNING[f"{kind}_stages"]}
+    table = TUNING[kind]
+    warps, stages = table.get(head_dim, table[128] if head_dim > 128 else table[64])
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
@@ -468,13 +557,25 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
     return walks
 
 
+def _kv_descs(k, v, block_size):
+    """Tensor descriptors of K and V viewed as [N, H_kv * d] with [block_size, d] boxes (used when
+    TUNING["kv_tma"]); otherwise the tensors themselves, unused by the kernel."""
+    if not TUNING["kv_tma"]:
+        return k, v
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, h_kv, d = k.shape
+    return (TensorDescriptor.from_tensor(k.view(n, h_kv * d), [block_size, d]),
+            TensorDescriptor.from_tensor(v.view(n, h_kv * d), [block_size, d]))
+
+
 def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
     n_tokens, h_q, d = q.shape
     h_kv = k.shape[1]
     group = h_q // h_kv
     k_slots = block_idx.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
+    out = _empty_like(q)
+    lse = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
     if n_tokens == 0:
         return out, lse
     prec = _dot_precision(q.dtype)
@@ -482,12 +583,12 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
                                                                            group, dense_len):
         n_tiles = tile_doc.numel()
         _fwd_kernel[(n_tiles, h_kv)](
-            q, k, v, out, lse, cu_seqlens, tile_doc, tile_start, *lists[0],
+            q, k, v, out, lse, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            **_launch_opts(kind if kind == "dense" else "fwd"),
+            KV_TMA=TUNING["kv_tma"], **_launch_opts(kind if kind == "dense" else "fwd", d),
         )
     return out, lse
 
@@ -497,39 +598,47 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     h_kv = k.shape[1]
     group = h_q // h_kv
     k_slots = block_idx.shape[2]
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _empty_like(q)
+    dk = _empty_like(k)
+    dv = _empty_like(v)
     if n_tokens == 0:
         return dq, dk, dv
     do = do.contiguous()
     prec = _dot_precision(q.dtype)
-    delta = torch.empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
+    delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
     for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
                                                                            group, dense_len):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
-            q, k, v, out, do, dq, lse, delta, cu_seqlens, tile_doc, tile_start, *lists[0],
+            q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            **_launch_opts("dense" if kind == "dense" else "dq"),
+            KV_TMA=TUNING["kv_tma"], **_launch_opts("dense" if kind == "dense" else "dq", d),
         )
 
     blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)
     n_blk_tiles = blk_doc.numel()
     qtok, offsets = _inverted_index(block_idx, cu_seqlens, first_block, n_blk_tiles)
+    chunk = TUNING["dkdv_chunk"]
+    ex_key, ex_lo, ex_first, n_items = _list_chunks(offsets, qtok.numel(), chunk)
+    dk_part = _empty((n_items, block_size, d), dtype=torch.float32, device=q.device)
+    dv_part = _empty_like(dk_part)
     rows, tok = _tile_rows(group, TUNING["dkdv_rows"])
-    for dense in ((False, True) if dense_len > 0 else (False,)):
-        _dkdv_kernel[(n_blk_tiles, h_kv)](
+    phases = [(2, (n_items, 1)), (1, (n_blk_tiles, h_kv))]
+    if dense_len > 0:
+        phases.append((0, (n_blk_tiles, h_kv)))
+    for phase, grid in phases:
+        _dkdv_kernel[grid](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk_doc, blk_start, offsets, qtok,
+            ex_key, ex_lo, ex_first, dk_part, dv_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len,
-            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, DENSE=dense, DOT_PREC=prec,
-            **_launch_opts("dkdv"),
+            n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len, chunk,
+            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, PHASE=phase, DOT_PREC=prec,
+            **_launch_opts("dkdv", d),
         )
     return dq, dk, dv
 

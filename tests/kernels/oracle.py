@@ -127,9 +127,9 @@ def assert_selection_matches_by_score(idx, ref_scores, cu_seqlens, *, block_size
             g, t, _ = bad.nonzero()[0].tolist()
             raise AssertionError(f"{where}, head {g}, token {t}: expected {int(n_sel[t])} ids then -1, got "
                                  f"{sel[g, t].tolist()}")
-        big = torch.where(valid, sel, torch.full_like(sel, 1 << 40))
-        if (big[..., 1:] <= big[..., :-1]).any():
-            g, t = (big[..., 1:] <= big[..., :-1]).any(-1).nonzero()[0].tolist()
+        unordered = valid[..., 1:] & (sel[..., 1:] <= sel[..., :-1])
+        if unordered.any():
+            g, t = unordered.any(-1).nonzero()[0].tolist()
             raise AssertionError(f"{where}, head {g}, token {t}: ids not strictly ascending: {sel[g, t].tolist()}")
         future = valid & (sel > c[None, :, None])
         if future.any():
@@ -138,8 +138,11 @@ def assert_selection_matches_by_score(idx, ref_scores, cu_seqlens, *, block_size
                                  f"{sel[g, t].tolist()}")
 
         rank = selection_ranking(scores, block_size=block_size, init_blocks=init_blocks, window_size=window_size)
-        chosen = torch.zeros(rank.shape, dtype=torch.bool)
-        chosen.scatter_(2, torch.where(valid, sel, 0), valid)
+        n_blocks = rank.shape[-1]
+        # Padding goes to a spare column so it cannot overwrite a real id.
+        chosen = torch.zeros(rank.shape[:-1] + (n_blocks + 1,), dtype=torch.bool)
+        chosen.scatter_(2, torch.where(valid, sel, n_blocks), True)
+        chosen = chosen[..., :n_blocks]
         missing = torch.isposinf(rank) & ~chosen
         if missing.any():
             g, t, b = missing.nonzero()[0].tolist()

@@ -1,0 +1,94 @@
+"""Passkey / needle accuracy of the embedded SmolLM2 (or any model) at long lengths, plain attention beside
+InfLLM (v1) context memory, no training. Uses the eval suite (infllm.eval.run_suite, mode "model": the
+attention as loaded) and writes its report per attention into --out/<attention>/.
+
+    python bench/infllm_v1_longctx.py --attention dense infllm_v1_small --lengths 16384 32768 \
+        --tasks passkey niah_single --depths 0.1 0.5 0.9 --samples 1 --out runs/v1_longctx
+
+--attention names: dense (the model's own SDPA attention, untouched) or a file of conf/attention/ with
+name: infllm_v1. Results (launch/LOG.md, "InfLLM (v1) baseline on SmolLM2") are read from the printed table or
+<out>/<attention>/eval_results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from infllm.attention_v1 import apply_infllm_v1  # noqa: E402
+from infllm.config import AttentionConfig, ModelConfig  # noqa: E402
+from infllm.eval import run_suite  # noqa: E402
+from infllm.eval.config import EvalConfig  # noqa: E402
+from infllm.model import load_model  # noqa: E402
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "attention")
+
+
+def attention_config(name: str) -> AttentionConfig:
+    schema = OmegaConf.structured(AttentionConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(os.path.join(CONF_DIR, f"{name}.yaml"))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attention", nargs="+", default=["dense", "infllm_v1_small"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[16384, 32768])
+    p.add_argument("--tasks", nargs="+", default=["passkey", "niah_single"])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], help="overrides of the v1 settings, e.g. n_local=4096")
+    p.add_argument("--model-path", default=None, help="a Hugging Face model directory (default: embedded SmolLM2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", default="runs/v1_longctx")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    eval_cfg = EvalConfig(tasks=args.tasks, lengths=args.lengths, depths=args.depths, samples=args.samples,
+                          modes=["model"], perplexity=False, plots=False)
+    rows = []
+    for name in args.attention:
+        model, tok = load_model(ModelConfig(path=args.model_path))
+        if name != "dense":
+            cfg = attention_config(name)
+            for item in args.set:
+                key, value = item.split("=", 1)
+                setattr(cfg.v1, key, type(getattr(cfg.v1, key))(value))
+            cfg.v1.__post_init__()
+            apply_infllm_v1(model, cfg)
+            label = name + "".join(f",{s}" for s in args.set)
+        else:
+            label = "dense"
+        model.to(args.device).eval()
+        out_dir = os.path.join(args.out, label)
+        t0 = time.time()
+        metrics = run_suite(model, tok, eval_cfg, out_dir, modes=["model"])
+        with open(os.path.join(out_dir, "eval_results.json")) as f:
+            records = json.load(f)["records"]
+        for r in records:
+            rows.append((label, r["task"], r["length"], r["depth"], r["exact"], r.get("seconds", 0.0)))
+            print(f"{label:28s} {r['task']:12s} len={r['length']:6d} depth={r['depth']} exact={r['exact']} "
+                  f"{r.get('seconds', 0.0):.0f}s", flush=True)
+        print(f"{label}: {time.time() - t0:.0f}s, metrics {json.dumps(metrics)}", flush=True)
+        del model
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"device {args.device}")
+    print("| attention | task | length | depth | exact | s |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row[:5]) + f" | {row[5]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

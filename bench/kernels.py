@@ -1,0 +1,521 @@
+"""Kernel benchmark: InfLLM-V2 (selection, sparse attention, the whole switchable attention) against dense
+causal attention through torch SDPA (flash backend = FlashAttention-2, and the cuDNN backend), in one run.
+
+    python3 bench/kernels.py                 # every case (H100: about 4 minutes)
+    python3 bench/kernels.py --quick         # MiniCPM4 shape at 32k x 8 and 128k x 2, and the G = 4 shape
+    python3 bench/kernels.py --cases minicpm4-32kx8-64blk,llama3-32kx8-64blk --out results.json
+
+For each case: median ms of the forward and of forward+backward, speedup over each dense backend measured in
+the same run, effective TFLOP/s counting only the attended (query, key) pairs (4 d flops per pair and head
+forward, 10 d backward, as FlashAttention counts), and the peak memory a call adds on top of its inputs.
+Timing: CUDA events around each call with the L2 cache flushed in between, median of several calls after a
+warm-up (triton.testing.do_bench for calls under 100 ms; the same method in a short loop for the slow dense
+baselines, so that the whole table fits in a few minutes of GPU time). Inputs are random bf16, never zeros.
+
+Rows per case: sdpa-flash, sdpa-cudnn (dense causal); select (selection alone, no gradient); sparse (block-sparse
+attention alone on the selection of the same data); infllm (kernels.infllm_v2_attn_varlen(impl="triton"),
+selection included). `--data smooth` draws queries that vary slowly along the sequence (a shared direction per
+64 tokens plus noise) instead of i.i.d.: neighbouring tokens then select overlapping blocks, as in trained models,
+which is what the token packing for G < 16 relies on; i.i.d. random data is its worst case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--smoke" in sys.argv:  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from kernels.infllm_v2 import attention as attn  # noqa: E402
+
+try:
+    from kernels.infllm_v2.select import infllm_v2_select_triton
+except ImportError:  # the selection kernel is another helper's; the table says so when it is missing
+    infllm_v2_select_triton = None
+
+# name -> (H_q, H_kv, d)
+SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64)}
+# name -> selection config; k_eff = topk + window_size / block_size.
+# "64blk": the public kernels' table ("64 selected blocks"): topk 64 with no window, so k_eff = 64 = the init
+#          block + the current block + 62 chosen by score.
+# "96blk": the paper's training setting, topk 64 + a 2048-token window (32 local blocks).
+# "16blk": the forward-only long-context case, topk 16 with no window.
+SELECTIONS = {
+    "64blk": dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=0, topk=64),
+    "96blk": dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=2048, topk=64),
+    "16blk": dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, window_size=0, topk=16),
+}
+
+
+def _case(shape, seq_k, batch, sel, fwd_only=False, data="random"):
+    name = f"{shape}-{seq_k}kx{batch}-{sel}" + ("-fwd" if fwd_only else "") + ("-smooth" if data == "smooth" else "")
+    return name, dict(shape=shape, seqlen=seq_k * 1024, batch=batch, sel=sel, fwd_only=fwd_only, data=data)
+
+
+CASES = dict([
+    _case("minicpm4", 32, 8, "64blk"), _case("minicpm4", 64, 4, "64blk"), _case("minicpm4", 128, 2, "64blk"),
+    _case("minicpm4", 32, 8, "96blk"), _case("minicpm4", 64, 4, "96blk"), _case("minicpm4", 128, 2, "96blk"),
+    _case("minicpm4", 128, 1, "16blk", fwd_only=True),
+    _case("llama3", 32, 8, "64blk"), _case("llama3", 64, 4, "64blk"),
+    _case("smollm2", 32, 8, "64blk"), _case("smollm2", 64, 4, "64blk"),
+    _case("minicpm4", 32, 8, "64blk", data="smooth"), _case("llama3", 32, 8, "64blk", data="smooth"),
+    _case("smollm2", 32, 8, "64blk", data="smooth"),
+])
+QUICK = ["minicpm4-32kx8-64blk", "minicpm4-128kx2-64blk", "llama3-32kx8-64blk", "llama3-32kx8-64blk-smooth"]
+# Tiny cases for a CPU smoke run under the Triton interpreter (no timing value, checks the script end to end).
+SMOKE = {"smoke-minicpm4": dict(shape="tiny16", seqlen=128, batch=2, sel="tiny", fwd_only=False, data="random"),
+         "smoke-g4": dict(shape="tiny4", seqlen=128, batch=1, sel="tiny", fwd_only=False, data="smooth")}
+SHAPES.update({"tiny16": (16, 1, 64), "tiny4": (8, 2, 64)})
+SELECTIONS["tiny"] = dict(block_size=16, kernel_size=16, kernel_stride=8, init_blocks=1, window_size=0, topk=4)
+
+_FLUSH = None
+
+
+def _flush_l2():
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    _FLUSH.zero_()
+
+
+def time_ms(fn, *, budget_ms=3000.0, max_reps=10):
+    """Median ms of fn on the GPU (already warmed up). Fast calls go through triton.testing.do_bench; slow ones
+    through the same method (events, L2 flush, median) with fewer repetitions."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = start.elapsed_time(end)
+    if estimate < 100.0:
+        return triton.testing.do_bench(fn, warmup=25, rep=min(500.0, budget_ms), return_mode="median")
+    reps = max(2, min(max_reps, int(budget_ms / estimate)))
+    times = []
+    for _ in range(reps):
+        _flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_extra_gib(fn):
+    """Peak memory (GiB) allocated during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def make_inputs(cfg, device, dtype):
+    h_q, h_kv, d = SHAPES[cfg["shape"]]
+    n = cfg["seqlen"] * cfg["batch"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn((n, h_kv, d), device=device, dtype=dtype, generator=gen)
+    v = torch.randn((n, h_kv, d), device=device, dtype=dtype, generator=gen)
+    if cfg["data"] == "smooth":
+        # One random direction per 64 tokens and head, plus noise: neighbours ask similar questions.
+        seg = torch.randn((triton_cdiv(n, 64), h_q, d), device=device, dtype=torch.float32, generator=gen)
+        noise = torch.randn((n, h_q, d), device=device, dtype=torch.float32, generator=gen)
+        q = (0.9 * seg.repeat_interleave(64, dim=0)[:n] + 0.45 * noise).to(dtype)
+    else:
+        q = torch.randn((n, h_q, d), device=device, dtype=dtype, generator=gen)
+    cu = torch.arange(0, n + 1, cfg["seqlen"], device=device, dtype=torch.int32)
+    return q, k, v, cu
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def attended_pairs(block_idx, seqlen, block_size):
+    """Number of (query, key) pairs a sparse kernel computes: keys u <= t in the selected blocks (per KV head;
+    every query head of the group computes the same pairs). Equal documents of length seqlen."""
+    h_kv, n, _ = block_idx.shape
+    t = (torch.arange(n, device=block_idx.device) % seqlen)[None, :, None]
+    first = block_idx.to(torch.int64) * block_size
+    keys = torch.clamp(t - first + 1, min=0, max=block_size)
+    return int(torch.where(block_idx >= 0, keys, 0).sum(dim=(1, 2)).double().mean().item())
+
+
+def random_block_idx(h_kv, n, seqlen, sel, device):
+    """Stand-in selection: init, local and current blocks, then random earlier ones, ascending, -1 padded."""
+    bs = sel["block_size"]
+    k_eff = sel["topk"] + sel["window_size"] // bs
+    t = torch.arange(n, device=device) % seqlen
+    c = (t // bs)[None, :, None]
+    gen = torch.Generator(device=device).manual_seed(1)
+    r = torch.rand((h_kv, n, k_eff), device=device, generator=gen)
+    ids = (r * (c + 1)).long()
+    ids[..., 0] = 0
+    ids[..., -1] = c[..., 0]
+    ids = ids.sort(dim=-1).values
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[..., 1:] = ids[..., 1:] == ids[..., :-1]
+    ids = torch.where(dup, 1 << 30, ids).sort(dim=-1).values
+    return torch.where(ids == 1 << 30, -1, ids).to(torch.int32)
+
+
+def dense_pairs(seqlen, batch):
+    return batch * seqlen * (seqlen + 1) // 2
+
+
+def sdpa_fn(q, k, v, seqlen, batch, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    h_q, h_kv, d = q.shape[1], k.shape[1], q.shape[2]
+
+    def to_bhtd(x):
+        return x.view(batch, seqlen, x.shape[1], d).transpose(1, 2)
+
+    def run(q, k, v, expand):
+        kk, vv = (k.repeat_interleave(h_q // h_kv, dim=1), v.repeat_interleave(h_q // h_kv, dim=1)) if expand else (k, v)
+        with sdpa_kernel([be]):
+            out = F.scaled_dot_product_attention(to_bhtd(q), to_bhtd(kk), to_bhtd(vv), is_causal=True,
+                                                 enable_gqa=(not expand) and h_q != h_kv)
+        return out.transpose(1, 2).reshape(q.shape)
+
+    # GQA natively when the backend takes it (forward and backward), else K/V repeated per query head (that
+    # copy is then part of the measured time).
+    try:
+        qs, ks, vs = (x[:256].detach().clone().requires_grad_() for x in (q, k, v))
+        with sdpa_kernel([be]):
+            out = F.scaled_dot_product_attention(qs.view(1, 256, h_q, d).transpose(1, 2),
+                                                 ks.view(1, 256, h_kv, d).transpose(1, 2),
+                                                 vs.view(1, 256, h_kv, d).transpose(1, 2),
+                                                 is_causal=True, enable_gqa=h_q != h_kv)
+        out.sum().backward()
+        return (lambda q, k, v: run(q, k, v, False)), "gqa"
+    except RuntimeError:
+        return (lambda q, k, v: run(q, k, v, True)), "expanded-kv"
+
+
+def run_case(name, cfg, args, results):
+    device, dtype = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
+    h_q, h_kv, d = SHAPES[cfg["shape"]]
+    sel = SELECTIONS[cfg["sel"]]
+    k_eff = sel["topk"] + sel["window_size"] // sel["block_size"]
+    seqlen, batch = cfg["seqlen"], cfg["batch"]
+    q, k, v, cu = make_inputs(cfg, device, dtype)
+    n = q.shape[0]
+    do = torch.randn_like(q)
+    on_gpu = device == "cuda"
+    rows = []
+
+    def record(impl, pass_, fn, pairs, note=""):
+        flops_per_pair = 4 * d * h_q if pass_ == "fwd" else 14 * d * h_q
+        try:
+            # The memory probe is also the warm-up call (compilation, autotuning, allocator).
+            mem = peak_extra_gib(fn) if on_gpu else float("nan")
+            ms = time_ms(fn, budget_ms=args.budget_ms) if on_gpu else _cpu_ms(fn)
+        except Exception as exc:  # a failing row must not lose the others
+            print(f"  {name} {impl} {pass_}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append(dict(case=name, impl=impl, pass_=pass_, error=f"{type(exc).__name__}: {exc}"))
+            return
+        tflops = pairs * flops_per_pair / (ms * 1e-3) / 1e12 if pairs else float("nan")
+        row = dict(case=name, impl=impl, pass_=pass_, ms=ms, tflops=tflops, peak_extra_gib=mem, note=note,
+                   shape=cfg["shape"], seqlen=seqlen, batch=batch, h_q=h_q, h_kv=h_kv, d=d, k_eff=k_eff,
+                   data=cfg["data"])
+        rows.append(row)
+        print(f"  {name:32s} {impl:11s} {pass_:7s} {ms:9.2f} ms {tflops:7.1f} TFLOP/s {mem:6.2f} GiB {note}",
+              flush=True)
+
+    def fwd_bwd(f):
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+        def call():
+            qg.grad = kg.grad = vg.grad = None
+            f(qg, kg, vg).backward(do)
+        return call
+
+    passes = ["fwd"] if cfg["fwd_only"] else ["fwd", "fwd+bwd"]
+    pairs_dense = dense_pairs(seqlen, batch)
+
+    # Dense baselines (skipped for the smooth-data variants: same cost as their random twins).
+    if on_gpu and cfg["data"] == "random" and not args.no_dense:
+        key = (cfg["shape"], seqlen, batch, cfg["fwd_only"])
+        for backend in ("flash", "cudnn"):
+            if (key, backend) in args.dense_cache:
+                for row in args.dense_cache[(key, backend)]:
+                    rows.append(dict(row, case=name))
+                continue
+            start = len(rows)
+            try:
+                f, note = sdpa_fn(q, k, v, seqlen, batch, backend)
+            except Exception as exc:
+                rows.append(dict(case=name, impl=f"sdpa-{backend}", pass_="fwd", error=str(exc)))
+                continue
+            for p in passes:
+                record(f"sdpa-{backend}", p, (lambda: f(q, k, v)) if p == "fwd" else fwd_bwd(f), pairs_dense, note)
+            args.dense_cache[(key, backend)] = rows[start:]
+
+    with torch.no_grad():
+        try:
+            block_idx = kernels.infllm_v2_select(q, k, cu, seqlen, impl="triton" if on_gpu else "naive",
+                                                 check=False, **sel)
+        except Exception as exc:  # keep measuring the attention on a stand-in selection
+            print(f"  {name}: selection FAILED ({type(exc).__name__}: {exc}); random selection instead")
+            block_idx = random_block_idx(h_kv, n, seqlen, sel, device)
+    pairs_sparse = attended_pairs(block_idx, seqlen, sel["block_size"]) * 1
+    pairs_sparse_total = pairs_sparse  # per KV head == per query head
+    if infllm_v2_select_triton is not None:
+        record("select", "fwd", lambda: infllm_v2_select_triton(q, k, cu, seqlen, **sel), 0)
+    else:
+        rows.append(dict(case=name, impl="select", pass_="fwd", error="kernels.infllm_v2.select not importable"))
+
+    def sparse(q_, k_, v_):
+        return attn.block_sparse_attn_triton(q_, k_, v_, block_idx, cu, seqlen, block_size=sel["block_size"])
+
+    def whole(q_, k_, v_):
+        return kernels.infllm_v2_attn_varlen(q_, k_, v_, cu, seqlen, dense_len=8192, impl="triton", check=False,
+                                             **sel)
+
+    for p in passes:
+        record("sparse", p, (lambda: sparse(q, k, v)) if p == "fwd" else fwd_bwd(sparse), pairs_sparse_total)
+    if infllm_v2_select_triton is not None:
+        for p in passes:
+            record("infllm", p, (lambda: whole(q, k, v)) if p == "fwd" else fwd_bwd(whole), pairs_sparse_total)
+
+    # Where the sparse time goes: index building on the host side (torch ops on the GPU).
+    if on_gpu and not cfg["fwd_only"]:
+        group = h_q // h_kv
+        rows_, tok, mode = attn._sparse_plan(group)
+
+        def index():
+            bd, bs, fb = attn._tiles(cu, n, sel["block_size"])
+            qt, off = attn._inverted_index(block_idx, cu, fb, bd.numel())
+            attn._list_chunks(off, qt.numel(), attn.TUNING["dkdv_chunk"])
+        record("inv-index", "bwd", index, 0)
+        if mode == 1:
+            def unions():
+                td, ts, _ = attn._tiles(cu, n, tok)
+                attn._tile_unions(block_idx, cu, td, ts, tok)
+            record("tile-unions", "fwd", unions, 0)
+            uid, umask, count = None, None, None
+            td, ts, _ = attn._tiles(cu, n, tok)
+            _, _, count = attn._tile_unions(block_idx, cu, td, ts, tok)
+            valid = td >= 0
+            mean_union = float(count[:, valid].float().mean().item())
+            rows.append(dict(case=name, impl="union-stats", pass_="-", mean_union_blocks=mean_union,
+                             tokens_per_tile=tok, k_eff=k_eff, union_over_keff=mean_union / k_eff))
+            print(f"  {name:32s} union of {tok} tokens: {mean_union:.1f} blocks on average (k_eff {k_eff})")
+    if on_gpu and name in args.profile.split(",") and not cfg["fwd_only"]:
+        from torch.profiler import ProfilerActivity, profile
+
+        for label, target in (("infllm", whole), ("sparse", sparse)):
+            try:
+                call = fwd_bwd(target)
+                call()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    call()
+                    torch.cuda.synchronize()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=16,
+                                                  max_name_column_width=50)
+                print(f"profile {name} {label} fwd+bwd\n{table}")
+                rows.append(dict(case=name, impl="profile", pass_="fwd+bwd", target=label, table=table))
+                break
+            except Exception as exc:
+                print(f"  profile {name} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+    del q, k, v, do, block_idx
+    if on_gpu:
+        torch.cuda.empty_cache()
+    results.extend(rows)
+
+
+# Launch-parameter variants tried by --sweep on the sparse attention alone (fwd and fwd+bwd).
+SWEEP = {
+    "base": {},
+    "tma-s2": {"kv_tma": True, "fwd": {64: (4, 2), 128: (4, 2)}, "dq": {64: (4, 2), 128: (4, 2)}},
+    "tma-s3": {"kv_tma": True, "fwd": {64: (4, 3), 128: (4, 3)}, "dq": {64: (4, 3), 128: (4, 3)}},
+    "tma-s4": {"kv_tma": True, "fwd": {64: (4, 4), 128: (4, 4)}, "dq": {64: (4, 2), 128: (4, 2)}},
+    "tma-s2-dkdv128": {"kv_tma": True, "fwd": {64: (4, 2), 128: (4, 2)}, "dq": {64: (4, 2), 128: (4, 2)},
+                       "dkdv_rows": 128},
+}
+SWEEP_ROWS = {"rows16": {"sparse_rows": 16}, "rows64": {"sparse_rows": 64}}
+
+
+def sweep(args, results):
+    """Times the sparse attention alone under each SWEEP variant (MiniCPM4 shape, 32k x 8, random data), keeps
+    the fastest fwd+bwd as the TUNING of the rest of the run, then compares 16- and 64-row query tiles (token
+    packing over the union of selections) on smooth data for G = 16 and G = 4."""
+    import copy
+
+    base = copy.deepcopy(attn.TUNING)
+    best, best_ms = None, float("inf")
+    for case in ("minicpm4-32kx8-64blk",):
+        cfg = CASES[case]
+        q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
+        sel = SELECTIONS[cfg["sel"]]
+        with torch.no_grad():
+            block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
+        do = torch.randn_like(q)
+        for name, over in SWEEP.items():
+            attn.TUNING.clear()
+            attn.TUNING.update(copy.deepcopy(base))
+            attn.TUNING.update(over)
+            row = dict(case=case, impl="sweep", variant=name, tuning=str(over))
+            try:
+                f = lambda: attn.block_sparse_attn_triton(q, k, v, block_idx, cu, cfg["seqlen"], block_size=64)
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                def fb():
+                    qg.grad = kg.grad = vg.grad = None
+                    attn.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64).backward(do)
+                f()
+                fb()
+                row["fwd_ms"] = time_ms(f, budget_ms=800)
+                row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1500)
+                if row["fwd_bwd_ms"] < best_ms:
+                    best, best_ms = name, row["fwd_bwd_ms"]
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"  sweep {case} {name:16s} fwd {row.get('fwd_ms', float('nan')):8.2f} ms  fwd+bwd "
+                  f"{row.get('fwd_bwd_ms', float('nan')):8.2f} ms {row.get('error', '')[:300]}", flush=True)
+            results.append(row)
+        del q, k, v, do, block_idx
+    attn.TUNING.clear()
+    attn.TUNING.update(copy.deepcopy(base))
+    if best is not None:
+        attn.TUNING.update(SWEEP[best])
+    print(f"  sweep: keeping '{best}' for the rest of the run", flush=True)
+    tuned = copy.deepcopy(attn.TUNING)
+    for case in ("minicpm4-32kx8-64blk-smooth", "llama3-32kx8-64blk-smooth", "llama3-32kx8-64blk"):
+        cfg = CASES[case]
+        q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
+        sel = SELECTIONS[cfg["sel"]]
+        with torch.no_grad():
+            block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
+        do = torch.randn_like(q)
+        for name, over in SWEEP_ROWS.items():
+            attn.TUNING.update(over)
+            row = dict(case=case, impl="sweep-rows", variant=name, tuning=str(over))
+            try:
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                def fb():
+                    qg.grad = kg.grad = vg.grad = None
+                    attn.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64).backward(do)
+                fb()
+                row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1500)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"  sweep {case} {name:8s} fwd+bwd {row.get('fwd_bwd_ms', float('nan')):8.2f} ms "
+                  f"{row.get('error', '')[:300]}", flush=True)
+            results.append(row)
+        attn.TUNING.clear()
+        attn.TUNING.update(copy.deepcopy(tuned))
+        del q, k, v, do, block_idx
+    torch.cuda.empty_cache()
+    return best
+
+
+def _cpu_ms(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def summarise(results):
+    """Per case: ms of each impl and pass, and the speedups of infllm / sparse over both dense backends."""
+    by = {}
+    for r in results:
+        if "ms" in r:
+            by.setdefault(r["case"], {})[(r["impl"], r["pass_"])] = r["ms"]
+    lines = [f"{'case':32s} {'pass':8s} {'flash':>8s} {'cudnn':>8s} {'select':>8s} {'sparse':>8s} {'infllm':>8s}"
+             f" {'x flash':>8s} {'x cudnn':>8s} {'sparse x cudnn':>14s}"]
+    summary = []
+    for case, m in by.items():
+        for p in ("fwd", "fwd+bwd"):
+            if ("sparse", p) not in m:
+                continue
+            fl, cd = m.get(("sdpa-flash", p)), m.get(("sdpa-cudnn", p))
+            sp, inf, se = m.get(("sparse", p)), m.get(("infllm", p)), m.get(("select", "fwd"))
+            x_fl = fl / inf if fl and inf else float("nan")
+            x_cd = cd / inf if cd and inf else float("nan")
+            sx_cd = cd / sp if cd and sp else float("nan")
+            summary.append(dict(case=case, pass_=p, flash=fl, cudnn=cd, select=se, sparse=sp, infllm=inf,
+                                speedup_vs_flash=x_fl, speedup_vs_cudnn=x_cd, sparse_speedup_vs_cudnn=sx_cd))
+
+            def f(x):
+                return f"{x:8.1f}" if x else f"{'-':>8s}"
+            lines.append(f"{case:32s} {p:8s} {f(fl)} {f(cd)} {f(se)} {f(sp)} {f(inf)} {x_fl:8.2f} {x_cd:8.2f}"
+                         f" {sx_cd:14.2f}")
+    return "\n".join(lines), summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a subset: " + ", ".join(QUICK))
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--out", default="", help="JSON output path (default: $OUT/kernels.json or bench/results/)")
+    ap.add_argument("--budget-ms", type=float, default=2500.0, help="time spent per measured row (approx.)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the SDPA baselines")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
+    ap.add_argument("--profile", default="", help="comma-separated cases whose infllm fwd+bwd is profiled")
+    ap.add_argument("--sweep", action="store_true", help="try launch variants first, keep the fastest")
+    ap.add_argument("--tuning", default="", help="JSON dict merged into kernels.infllm_v2.attention.TUNING")
+    args = ap.parse_args()
+    if args.tuning:
+        for key, val in json.loads(args.tuning).items():
+            attn.TUNING[key] = {int(a): tuple(b) for a, b in val.items()} if isinstance(val, dict) else val
+    args.dense_cache = {}
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.device = "cpu"
+        names, table = list(SMOKE), SMOKE
+    else:
+        args.device = "cuda"
+        table = CASES
+        names = QUICK if args.quick else (args.cases.split(",") if args.cases else list(CASES))
+    unknown = [c for c in names if c not in table]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {list(table)}")
+
+    meta = dict(argv=sys.argv[1:], torch=torch.__version__, tuning={k: (str(v)) for k, v in attn.TUNING.items()},
+                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if args.device == "cuda":
+        import triton
+        p = torch.cuda.get_device_properties(0)
+        meta.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count, triton=triton.__version__)
+        print(f"device {meta['device']} ({meta['sms']} SMs), torch {torch.__version__}, triton {triton.__version__}")
+    results = []
+    t0 = time.time()
+    if args.sweep and args.device == "cuda":
+        print(f"[{time.time() - t0:6.1f}s] sweep", flush=True)
+        meta["sweep_best"] = sweep(args, results)
+        meta["tuning"] = {k: str(v) for k, v in attn.TUNING.items()}
+    for name in names:
+        print(f"[{time.time() - t0:6.1f}s] {name}", flush=True)
+        run_case(name, table[name], args, results)
+    text, summary = summarise(results)
+    out = args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
+                       else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(dict(meta=meta, rows=results, summary=summary), fh, indent=1, default=str)
+    print(f"\n[{time.time() - t0:.0f}s] wrote {out}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Triton block-sparse attention (kernels/infllm_v2/attention.py) against the float64 masked-dense oracle.
+
+Outputs and dq/dk/dv on the same block ids, FlashAttention-style tolerance (tests/kernels/tolerance.py),
+NaN-poisoned buffers, uneven documents (shorter than a block, odd lengths), G in {1, 3, 4, 16}, d in {64, 128},
+the dense_len switch mixed within one batch, fp32/fp16 everywhere and bf16 on CUDA. On CPU everything runs
+under the Triton interpreter (tests/conftest.py), so shapes stay tiny.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import kernels.infllm_v2.attention as attn
+from kernels.infllm_v2.attention import block_sparse_attn_triton
+from kernels.infllm_v2.naive import infllm_v2_select_naive
+from tests.conftest import DEVICE, HAS_CUDA, requires_cuda
+from tests.kernels.oracle import masked_dense_attention
+from tests.kernels.tolerance import check_fwd_bwd
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def random_selection(h_kv, lens, block_size, k_slots, gen):
+    """int32 [H_kv, N, K]: per token its current block (always, as selection forces it) and random earlier
+    blocks, min(c + 1, K) ids ascending, then -1."""
+    parts = []
+    for T in lens:
+        n_blocks = max(1, -(-T // block_size))
+        c = torch.arange(T) // block_size
+        b = torch.arange(n_blocks)
+        score = torch.rand((h_kv, T, n_blocks), generator=gen)
+        score = torch.where(b[None, None, :] == c[None, :, None], 2.0, score)
+        score = torch.where(b[None, None, :] > c[None, :, None], -1.0, score)
+        k_top = min(k_slots, n_blocks)
+        top = score.topk(k_top, dim=-1)
+        ids = torch.where(top.values >= 0, top.indices, n_blocks).sort(dim=-1).values
+        ids = torch.where(ids == n_blocks, -1, ids)
+        out = torch.full((h_kv, T, k_slots), -1, dtype=torch.int64)
+        out[..., :k_top] = ids
+        parts.append(out)
+    return torch.cat(parts, dim=1).to(torch.int32).to(DEVICE)
+
+
+def _inputs(lens, h_q, h_kv, d, gen):
+    n = sum(lens)
+    return {
+        "q": torch.randn((n, h_q, d), generator=gen, dtype=torch.float64).to(DEVICE),
+        "k": torch.randn((n, h_kv, d), generator=gen, dtype=torch.float64).to(DEVICE),
+        "v": torch.randn((n, h_kv, d), generator=gen, dtype=torch.float64).to(DEVICE),
+    }
+
+
+def _reference(q, k, v, *, block_idx, cu_seqlens, block_size, dense_len):
+    """The oracle; tokens of documents shorter than dense_len list every block (dense causal attention)."""
+    if dense_len > 0:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
+        h_kv, n, k_slots = block_idx.shape
+        width = max(k_slots, -(-int(lens.max()) // block_size))
+        wide = torch.full((h_kv, n, width), -1, dtype=torch.int32)
+        wide[..., :k_slots] = block_idx.cpu()
+        dense_tok = torch.repeat_interleave(lens < dense_len, lens)
+        wide[:, dense_tok] = torch.arange(width, dtype=torch.int32)
+        block_idx = wide
+    return masked_dense_attention(q, k, v, block_idx, cu_seqlens, block_size)
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN (ints as -1): an unwritten element cannot pass."""
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(attn, "_empty", lambda *a, **kw: poison(torch.empty(*a, **kw)))
+    monkeypatch.setattr(attn, "_empty_like", lambda *a, **kw: poison(torch.empty_like(*a, **kw)))
+
+
+def _dtypes():
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+# (lens, H_q, H_kv, d, block_size, k_slots, dense_len): G = 16, 4, 3, 1, mixed dense/sparse, docs shorter
+# than a block, odd lengths.
+CASES = [
+    ([70, 1, 37], 16, 1, 64, 16, 3, -1),
+    ([83, 40], 8, 2, 128, 16, 4, -1),
+    ([61, 9, 90], 12, 4, 64, 16, 3, -1),
+    ([77, 15, 50], 2, 2, 64, 16, 3, -1),
+    ([100, 20, 45, 7], 8, 2, 64, 16, 3, 40),
+]
+CUDA_CASES = [
+    ([1000, 333, 2], 12, 4, 64, 64, 8, -1),
+    ([1500, 701], 32, 2, 128, 64, 8, -1),
+    ([900, 64, 1300], 9, 3, 64, 64, 6, 1000),
+    ([1100, 17], 7, 1, 128, 64, 4, 500),
+]
+
+
+def _case_id(case, dtype=None):
+    lens, h_q, h_kv, d, bs, k, dl = case
+    s = f"T{sum(lens)}-Hq{h_q}-Hkv{h_kv}-D{d}-docs{len(lens)}-B{bs}-K{k}"
+    if dl != -1:
+        s += f"-dense{dl}"
+    return s + (f"-{str(dtype).split('.')[-1]}" if dtype is not None else "")
+
+
+def _params(cases, dtypes):
+    return [pytest.param(c, dt, id=_case_id(c, dt)) for c in cases for dt in dtypes]
+
+
+def _run_case(case, dtype, seed=0):
+    lens, h_q, h_kv, d, block_size, k_slots, dense_len = case
+    gen = torch.Generator().manual_seed(seed)
+    cu = _cu(lens)
+    block_idx = random_selection(h_kv, lens, block_size, k_slots, gen)
+    inputs = _inputs(lens, h_q, h_kv, d, gen)
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu,
+                               max_seqlen=max(lens), block_size=block_size, dense_len=dense_len)
+    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
+                                  dense_len=dense_len)
+    check_fwd_bwd(kernel, reference, inputs, dtype=dtype)
+
+
+@pytest.mark.parametrize("case,dtype", _params(CASES[:1], [torch.float32, torch.float16])
+                         + _params(CASES[1:], [torch.float32]) + _params(CASES[2:4], [torch.float16]))
+def test_matches_oracle(case, dtype, nan_poison):
+    _run_case(case, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case,dtype", _params(CASES + CUDA_CASES, [torch.bfloat16])
+                         + _params(CUDA_CASES[:2], [torch.float16]))
+def test_matches_oracle_cuda(case, dtype, nan_poison):
+    _run_case(case, dtype)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_long_lists_split_across_programs(group, nan_poison, monkeypatch):
+    """Key blocks picked by more queries than one dK/dV program takes (attention sinks) are split into
+    chunks whose partial sums are added back; a tiny chunk forces that path everywhere."""
+    monkeypatch.setitem(attn.TUNING, "dkdv_chunk", 5)
+    _run_case(([90, 33], 4 * group, 4, 64, 16, 3, -1), torch.float32, seed=1)
+
+
+def test_on_selection_from_reference(nan_poison):
+    """Block ids produced by the reference selection (init + local + top-k), G = 4, several documents."""
+    lens, h_q, h_kv, d, block_size = [130, 50, 3], 8, 2, 64, 16
+    gen = torch.Generator().manual_seed(3)
+    inputs = _inputs(lens, h_q, h_kv, d, gen)
+    cu = _cu(lens)
+    block_idx = infllm_v2_select_naive(inputs["q"].float(), inputs["k"].float(), cu, max(lens),
+                                       block_size=block_size, kernel_size=16, kernel_stride=8, init_blocks=1,
+                                       window_size=16, topk=3)
+    assert block_idx.shape[-1] == 4
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
+                               block_size=block_size)
+    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
+                                  dense_len=-1)
+    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
+def test_dense_documents_ignore_block_idx(nan_poison):
+    """Every document shorter than dense_len: the result is dense causal attention whatever block_idx says
+    (here all padding)."""
+    lens, h_q, h_kv, d, block_size = [50, 3, 29], 4, 1, 64, 16
+    gen = torch.Generator().manual_seed(4)
+    inputs = _inputs(lens, h_q, h_kv, d, gen)
+    cu = _cu(lens)
+    block_idx = torch.full((h_kv, sum(lens), 2), -1, dtype=torch.int32, device=DEVICE)
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
+                               block_size=block_size, dense_len=64)
+    reference = functools.partial(masked_dense_attention, block_idx=None, cu_seqlens=cu, block_size=block_size)
+    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
+def test_custom_op_traces_under_compile():
+    """The launches are opaque custom ops with fake implementations: torch.compile captures one graph."""
+    lens, h_q, h_kv, d, block_size = [40, 9], 4, 1, 64, 16
+    gen = torch.Generator().manual_seed(5)
+    inputs = {n: t.float().requires_grad_() for n, t in _inputs(lens, h_q, h_kv, d, gen).items()}
+    cu = _cu(lens)
+    block_idx = random_selection(h_kv, lens, block_size, 2, gen)
+
+    def f(q, k, v):
+        return block_sparse_attn_triton(q, k, v, block_idx, cu, max(lens), block_size=block_size).sum()
+
+    eager = f(**inputs)
+    grads_eager = torch.autograd.grad(eager, list(inputs.values()))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(**inputs)
+    grads_compiled = torch.autograd.grad(compiled, list(inputs.values()))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_rejects_unsupported_shapes():
+    q = torch.randn(8, 2, 96, device=DEVICE)
+    k = torch.randn(8, 1, 96, device=DEVICE)
+    idx = torch.zeros((1, 8, 1), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        block_sparse_attn_triton(q, k, k, idx, _cu([8]), 8, block_size=16)
+    q, k = q[..., :64].contiguous(), k[..., :64].contiguous()
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attn_triton(q, k, k, idx, _cu([8]), 8, block_size=48)
+
+
+@requires_cuda
+def test_no_host_sync():
+    """Forward and backward issue no device-to-host synchronisation (mixed dense and sparse documents)."""
+    lens, h_q, h_kv, d, block_size = [700, 90, 400], 16, 2, 128, 64
+    gen = torch.Generator().manual_seed(6)
+    inputs = {n: t.to(torch.bfloat16).requires_grad_() for n, t in _inputs(lens, h_q, h_kv, d, gen).items()}
+    cu = _cu(lens)
+    block_idx = random_selection(h_kv, lens, block_size, 4, gen)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = block_sparse_attn_triton(inputs["q"], inputs["k"], inputs["v"], block_idx, cu, max(lens),
+                                       block_size=block_size, dense_len=300)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -1,0 +1,314 @@
+"""Distributed training on CPU: DeepSpeed ZeRO over 2 gloo processes started by torchrun (launch/run.sh).
+
+- ZeRO-2 and ZeRO-3 on 2 ranks give the losses and learning rates of one process (SingleEngine) fed the same
+  global batch; the ZeRO-3 export, consolidated from the shards, holds that process's weights and loads in plain
+  transformers with its sparse_config;
+- a 2-rank run stopped by SIGTERM resumes (resume=auto, past partial checkpoint directories) onto the
+  uninterrupted loss curve, exactly;
+- a corrupt checkpoint is refused on every rank with the file named (no rank left waiting); a truncated one and
+  one written by another number of ranks are refused before loading;
+- a NaN loss on one rank is skipped and counted on both;
+- a wrong world size fails before training; a 2-point sweep runs each point on 2 ranks and writes its summary.
+
+A torchrun costs ~15-30 s on 2 cores (imports, DeepSpeed set-up), so runs are shared through module fixtures.
+The file doubles as the torchrun worker of the NaN test (`python tests/test_distributed.py nan ...`).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # when run as the torchrun worker
+    sys.path.insert(0, REPO)
+
+from infllm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints  # noqa: E402
+from infllm.config import ConfigError  # noqa: E402
+from tests.helpers import compose_config  # noqa: E402
+
+pytest.importorskip("deepspeed")
+
+RUN_SH = os.path.join(REPO, "launch", "run.sh")
+STEPS = 6
+# The debug model on 256-token rows (shorter than the sparse attention's dense_len: dense documents, fast), a
+# warmup + cosine schedule so that the lr of every step is checked too. 2 rows x 2 micro-batches per rank.
+BASE = ["experiment=debug", "trainer.progress_bar=false", "trainer.seq_len=256", "trainer.micro_batch_size=2",
+        "trainer.grad_accum_steps=2", "schedule.name=cosine", "schedule.warmup_steps=2",
+        f"trainer.max_steps={STEPS}", "logger=console"]
+LAUNCH_TIMEOUT = 420
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1")
+    return env
+
+
+def _run_sh(run_dir, overrides, nproc=2):
+    return ["bash", RUN_SH, f"NGPU={nproc}", f"PYTHON={sys.executable}", "SHUTDOWN_TIMEOUT=120", *BASE,
+            *overrides, f"hydra.run.dir={run_dir}", f"run_name={os.path.basename(run_dir)}"]
+
+
+def launch(run_dir, overrides, nproc=2, check=True):
+    """One torchrun of train.py through launch/run.sh; returns (returncode, combined output)."""
+    proc = subprocess.run(_run_sh(run_dir, overrides, nproc), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=LAUNCH_TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc.returncode, proc.stdout
+
+
+def metrics(run_dir, key="loss"):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), [r["step"] for r in rows]
+    return [r[key] for r in rows]
+
+
+class _Interleaved:
+    """The micro-batches the ranks of a 2-rank run see in one step, in one stream: rank 0's window, then rank
+    1's. One process with twice the accumulation steps then trains on exactly the same global batch."""
+
+    def __init__(self, loaders, per_rank):
+        self.loaders, self.per_rank = loaders, per_rank
+
+    def __iter__(self):
+        its = [iter(loader) for loader in self.loaders]
+        while True:
+            for it in its:
+                for _ in range(self.per_rank):
+                    yield next(it)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process (SingleEngine), the 2-rank global batch: losses, lrs and final weights."""
+    from data import build_train_loader
+    from infllm.trainer import Trainer
+
+    run = str(tmp_path_factory.mktemp("reference") / "run")
+    cfg = compose_config(BASE + ["parallel=single", "trainer.grad_accum_steps=4", "checkpoint.every_steps=0",
+                                 "checkpoint.save_hf=false"], output_dir=run)
+    trainer = Trainer.build(cfg)
+    loaders = [build_train_loader(cfg.data, trainer.tokenizer, seq_len=cfg.trainer.seq_len,
+                                  micro_batch_size=cfg.trainer.micro_batch_size, rank=r, world_size=2,
+                                  seed=cfg.trainer.seed) for r in (0, 1)]
+    trainer.loader = _Interleaved(loaders, per_rank=2)
+    trainer.fit()
+    weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+    return {"loss": metrics(run), "lr": metrics(run, "lr"), "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    """2 ranks, ZeRO-2, uninterrupted, a checkpoint every 2 steps."""
+    run = str(tmp_path_factory.mktemp("zero2") / "zero2")
+    _, out = launch(run, ["parallel=zero2", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+                          "checkpoint.save_hf=false"])
+    assert "DeepSpeed ZeRO-2 on 2 cpu ranks" in out
+    return run
+
+
+def _assert_matches_reference(run, reference):
+    torch.testing.assert_close(torch.tensor(metrics(run)), torch.tensor(reference["loss"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(metrics(run, "lr")), torch.tensor(reference["lr"]), rtol=1e-6,
+                               atol=0)
+
+
+def test_zero2_two_ranks_match_one_process(zero2_run, reference):
+    _assert_matches_reference(zero2_run, reference)
+    ckpt = latest_checkpoint(zero2_run)
+    names = json.load(open(os.path.join(ckpt, "manifest.json")))["files"]
+    assert {"zero/mp_rank_00_model_states.pt", "zero/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_state_rank1.json", "rng_rank1.pt"} <= set(names)
+
+
+def test_zero3_two_ranks_match_one_process_and_export_consolidates(tmp_path, reference):
+    from transformers import AutoModelForCausalLM
+
+    run = str(tmp_path / "zero3")
+    _, out = launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=true"])
+    assert "DeepSpeed ZeRO-3 on 2 cpu ranks" in out
+    _assert_matches_reference(run, reference)
+    final = os.path.join(run, "final")
+    assert json.load(open(os.path.join(final, "config.json")))["sparse_config"]["block_size"] == 32
+    exported = AutoModelForCausalLM.from_pretrained(final).state_dict()  # plain transformers
+    assert set(exported) == set(reference["weights"])
+    for name, ref in reference["weights"].items():
+        torch.testing.assert_close(exported[name], ref, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_sigterm_then_resume_continues_the_curve_exactly(tmp_path, zero2_run):
+    run = str(tmp_path / "stopped")
+    overrides = ["parallel=zero2", "checkpoint.every_steps=0", "checkpoint.save_hf=false"]
+    proc = subprocess.Popen(_run_sh(run, overrides), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log_path = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + LAUNCH_TIMEOUT
+    while not (os.path.isfile(log_path) and len(open(log_path).readlines()) >= 2):
+        assert proc.poll() is None, proc.stdout.read()[-6000:]
+        assert time.time() < deadline, "the run logged no step in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to torchrun (run.sh execs it), which forwards it to both ranks
+    out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None, out[-6000:]
+    stopped_at = int(ckpt.rsplit("_", 1)[1])
+    assert 2 <= stopped_at < STEPS, out[-6000:]
+    assert len(metrics(run)) == stopped_at
+    assert not os.path.exists(os.path.join(run, "final"))
+
+    # A crash mid-save leaves directories without a manifest: resume=auto passes over them.
+    root = os.path.join(run, "checkpoints")
+    os.makedirs(os.path.join(root, "step_00000099.tmp", "zero"))
+    os.makedirs(os.path.join(root, "step_00000098", "zero"))
+    open(os.path.join(root, "step_00000098", "zero", "mp_rank_00_model_states.pt"), "wb").write(b"partial")
+    _, out = launch(run, overrides + ["checkpoint.resume=auto"])
+    assert f"resumed from {ckpt} at step {stopped_at}" in out
+    resumed = metrics(run)
+    assert len(resumed) == STEPS
+    # Same ranks, same data position, same RNG: the resumed run's losses are the uninterrupted run's.
+    assert resumed == metrics(zero2_run), (resumed, metrics(zero2_run))
+
+
+def test_corrupt_checkpoint_refused_on_every_rank(tmp_path, zero2_run):
+    run = str(tmp_path / "corrupt")
+    src = latest_checkpoint(zero2_run)
+    dst = os.path.join(run, "checkpoints", os.path.basename(src))
+    shutil.copytree(src, dst)
+    # Same size (the manifest cannot tell), garbled pickle: only rank 1 can notice, while reading its part.
+    bad = os.path.join(dst, "zero", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    data = bytearray(open(bad, "rb").read())
+    data[40:400] = bytes(b ^ 0xFF for b in data[40:400])
+    open(bad, "wb").write(bytes(data))
+    rc, out = launch(run, ["parallel=zero2", "checkpoint.resume=auto"], check=False)
+    assert rc != 0
+    assert "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt cannot be read" in out, out[-6000:]
+    assert "1 other rank(s) could not read their part" in out, out[-6000:]
+
+
+def test_truncated_or_other_world_size_checkpoint_refused(tmp_path, zero2_run):
+    from infllm.trainer import Trainer
+
+    common = BASE + ["parallel=single", "checkpoint.resume=auto"]
+    # Written by 2 ranks, resumed by 1: refused before any state is loaded.
+    run = str(tmp_path / "other_world")
+    src = latest_checkpoint(zero2_run)
+    shutil.copytree(src, os.path.join(run, "checkpoints", os.path.basename(src)))
+    with pytest.raises(CheckpointError, match="written by 2 ranks"):
+        Trainer.build(compose_config(common, output_dir=run)).fit()
+    # A truncated DeepSpeed file (inside zero/) is caught by the manifest, naming the file.
+    bad = os.path.join(run, "checkpoints", os.path.basename(src), "zero", "mp_rank_00_model_states.pt")
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="zero/mp_rank_00_model_states.pt"):
+        Trainer.build(compose_config(common, output_dir=run)).fit()
+    assert [os.path.basename(p) for p in list_checkpoints(run)] == [os.path.basename(src)]  # nothing deleted
+
+
+def test_nan_on_one_rank_is_skipped_and_counted_on_both(tmp_path):
+    run = str(tmp_path / "nan")
+    overrides = BASE + ["parallel=zero3", "trainer.max_steps=3", "checkpoint.every_steps=0",
+                        "checkpoint.save_hf=false"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.abspath(__file__), "nan", run, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    for rank in (0, 1):
+        report = json.load(open(os.path.join(run, f"nan_rank{rank}.json")))
+        assert report == {"step": 3, "nonfinite_steps": 1, "deepspeed_skipped_steps": 1}, (rank, report)
+    losses = metrics(run)
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+
+
+def test_wrong_world_size_and_single_engine_under_torchrun_fail_early(monkeypatch):
+    from infllm.parallel import build_engine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="parallel.world_size: the config expects 4 processes but this run has 2"):
+        build_engine(model, compose_config(["parallel=zero2", "parallel.world_size=4"]))
+    with pytest.raises(ConfigError, match="parallel.engine: single runs one process"):
+        build_engine(model, compose_config(["parallel=single"]))
+    with pytest.raises(ConfigError, match="parallel.offload_params"):
+        compose_config(["parallel=zero2", "parallel.offload_params=true"])
+
+
+def test_launcher_argv_and_generated_deepspeed_config(monkeypatch):
+    from infllm.parallel import deepspeed_config, launcher_argv
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launcher_argv(["train.py", "--local_rank=1", "experiment=debug"]) == ["train.py", "experiment=debug"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.setenv("RANK", "1")
+    assert launcher_argv(["train.py", "--local_rank", "1", "a=b"])[1:] == [
+        "a=b", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    with pytest.raises(SystemExit, match="launch/sweep.py"):
+        launcher_argv(["train.py", "-m", "optim.lr=1,2"])
+
+    cfg = compose_config(["parallel=zero3_offload", "trainer.grad_accum_steps=8", "trainer.micro_batch_size=1",
+                          "trainer.grad_clip=0.5", "+parallel.extra.zero_optimization.reduce_bucket_size=1000"])
+    ds = deepspeed_config(cfg, torch.device("cuda", 0))
+    assert ds["gradient_accumulation_steps"] == 8 and ds["train_micro_batch_size_per_gpu"] == 1
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert not deepspeed_config(cfg, torch.device("cpu"))["bf16"]["enabled"]
+    assert "optimizer" not in ds and "scheduler" not in ds  # client AdamW + our schedule, no JIT fused_adam
+
+
+def test_sweep_runs_each_point_on_two_ranks(tmp_path):
+    sweep_dir = str(tmp_path / "sweep")
+    cmd = [sys.executable, os.path.join(REPO, "launch", "sweep.py"), "NGPU=2", f"PYTHON={sys.executable}",
+           f"SWEEP_DIR={sweep_dir}", *BASE, "parallel=zero2", "trainer.max_steps=2", "checkpoint.every_steps=0",
+           "checkpoint.save_hf=false", "optim.lr=1e-3,3e-3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=2 * LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert proc.stdout.count("DeepSpeed ZeRO-2 on 2 cpu ranks") == 2
+    summary = json.load(open(os.path.join(sweep_dir, "summary.json")))
+    assert [(p["point"], p["status"], p["steps"]) for p in summary["points"]] == [
+        ({"optim.lr": "1e-3"}, "ok", 2), ({"optim.lr": "3e-3"}, "ok", 2)]
+    table = open(os.path.join(sweep_dir, "summary.md")).read()
+    assert "| optim.lr |" in table and "| 1e-3 |" in table and "| 3e-3 |" in table
+    for i in (0, 1):
+        assert len(metrics(os.path.join(sweep_dir, str(i)))) == 2
+
+
+def _nan_worker(run_dir, overrides):
+    """torchrun worker: rank 1's loss is NaN in the second step; every rank reports what it counted."""
+    from infllm.trainer import Trainer
+
+    cfg = compose_config(overrides, output_dir=run_dir)
+    trainer = Trainer.build(cfg)
+    engine = trainer.engine
+    forward = engine.forward
+    poisoned = []
+
+    def forward_with_nan(**kwargs):
+        out = forward(**kwargs)
+        if engine.rank == 1 and trainer.step == 1 and not poisoned:
+            poisoned.append(True)
+            out.loss = out.loss * float("nan")
+        return out
+
+    engine.forward = forward_with_nan
+    trainer.fit()
+    with open(os.path.join(run_dir, f"nan_rank{engine.rank}.json"), "w") as f:
+        json.dump({"step": trainer.step, "nonfinite_steps": trainer.nonfinite_steps,
+                   "deepspeed_skipped_steps": engine.ds.skipped_steps}, f)
+
+
+if __name__ == "__main__":
+    assert sys.argv[1] == "nan", sys.argv
+    _nan_worker(sys.argv[2], sys.argv[3:])
