@@ -11,18 +11,23 @@ name: infllm_v1. Results (launch/LOG.md, "InfLLM (v1) baseline on SmolLM2") are 
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import platform
 import sys
-import time
 
-import torch
-from omegaconf import OmegaConf
+# Run as a script, Python puts bench/ first on the path, where bench/select.py would shadow the standard
+# library's select module; the repository root goes there instead.
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
+sys.path.insert(0, os.path.dirname(_BENCH))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from infllm.attention_v1 import apply_infllm_v1  # noqa: E402
 from infllm.config import AttentionConfig, ModelConfig  # noqa: E402
@@ -45,6 +50,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["passkey", "niah_single"])
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5, 0.9])
     p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--scoring", default="both", choices=["teacher_forced", "generate", "both"],
+                   help="teacher_forced: one forward, argmax at the answer; generate: greedy decoding (InfLLM "
+                        "retrieves per decoded token there); both")
     p.add_argument("--set", nargs="*", default=[], help="overrides of the v1 settings, e.g. n_local=4096")
     p.add_argument("--model-path", default=None, help="a Hugging Face model directory (default: embedded SmolLM2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -56,7 +64,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     eval_cfg = EvalConfig(tasks=args.tasks, lengths=args.lengths, depths=args.depths, samples=args.samples,
-                          modes=["model"], perplexity=False, plots=False)
+                          modes=["model"], perplexity=False, plots=False, scoring=args.scoring)
     rows = []
     for name in args.attention:
         model, tok = load_model(ModelConfig(path=args.model_path))
@@ -77,17 +85,19 @@ def main() -> None:
         with open(os.path.join(out_dir, "eval_results.json")) as f:
             records = json.load(f)["records"]
         for r in records:
-            rows.append((label, r["task"], r["length"], r["depth"], r["exact"], r.get("seconds", 0.0)))
-            print(f"{label:28s} {r['task']:12s} len={r['length']:6d} depth={r['depth']} exact={r['exact']} "
-                  f"{r.get('seconds', 0.0):.0f}s", flush=True)
+            tf = r.get("exact") if args.scoring != "generate" else None
+            gen = r.get("gen_exact", r.get("exact") if args.scoring == "generate" else None)
+            rows.append((label, r["task"], r["length"], r["depth"], tf, gen, r.get("seconds", 0.0)))
+            print(f"{label:28s} {r['task']:12s} len={r['length']:6d} depth={r['depth']} teacher_forced={tf} "
+                  f"generate={gen} {r.get('gen_text', '')!r} {r.get('seconds', 0.0):.0f}s", flush=True)
         print(f"{label}: {time.time() - t0:.0f}s, metrics {json.dumps(metrics)}", flush=True)
         del model
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"device {args.device}")
-    print("| attention | task | length | depth | exact | s |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | task | length | depth | teacher-forced exact | generate exact | s |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print("| " + " | ".join(str(x) for x in row[:5]) + f" | {row[5]:.0f} |")
+        print("| " + " | ".join("-" if x is None else str(x) for x in row[:6]) + f" | {row[6]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -63,10 +63,10 @@ def _case(shape, seq_k, batch, sel, fwd_only=False, data="random"):
 
 CASES = dict([
     _case("minicpm4", 32, 8, "64blk"), _case("minicpm4", 64, 4, "64blk"), _case("minicpm4", 128, 2, "64blk"),
-    _case("minicpm4", 32, 8, "96blk"), _case("minicpm4", 64, 4, "96blk"), _case("minicpm4", 128, 2, "96blk"),
+    _case("llama3", 32, 8, "64blk"), _case("smollm2", 32, 8, "64blk"),
     _case("minicpm4", 128, 1, "16blk", fwd_only=True),
-    _case("llama3", 32, 8, "64blk"), _case("llama3", 64, 4, "64blk"),
-    _case("smollm2", 32, 8, "64blk"), _case("smollm2", 64, 4, "64blk"),
+    _case("minicpm4", 32, 8, "96blk"), _case("minicpm4", 64, 4, "96blk"), _case("minicpm4", 128, 2, "96blk"),
+    _case("llama3", 64, 4, "64blk"), _case("smollm2", 64, 4, "64blk"),
     _case("minicpm4", 32, 8, "64blk", data="smooth"), _case("llama3", 32, 8, "64blk", data="smooth"),
     _case("smollm2", 32, 8, "64blk", data="smooth"),
 ])
@@ -504,15 +504,22 @@ def main():
         print(f"[{time.time() - t0:6.1f}s] sweep", flush=True)
         meta["sweep_best"] = sweep(args, results)
         meta["tuning"] = {k: str(v) for k, v in attn.TUNING.items()}
-    for name in names:
-        print(f"[{time.time() - t0:6.1f}s] {name}", flush=True)
-        run_case(name, table[name], args, results)
-    text, summary = summarise(results)
     out = args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                        else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(dict(meta=meta, rows=results, summary=summary), fh, indent=1, default=str)
+
+    def dump():
+        # Written after every case, so a run cut short keeps what it measured.
+        text, summary = summarise(results)
+        with open(out, "w") as fh:
+            json.dump(dict(meta=meta, rows=results, summary=summary), fh, indent=1, default=str)
+        return text
+
+    for name in names:
+        print(f"[{time.time() - t0:6.1f}s] {name}", flush=True)
+        run_case(name, table[name], args, results)
+        dump()
+    text = dump()
     print(f"\n[{time.time() - t0:.0f}s] wrote {out}\n")
     print(text)
 

@@ -7,14 +7,17 @@ the first run pays the tokenization, reported separately).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, bench/ would come first on sys.path, where its modules shadow real ones (select, kernels):
+# put the repository root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
 
 from data import DataConfig, build_train_loader  # noqa: E402
 

@@ -5,11 +5,25 @@
     batch = next(loader)            # PackedBatch on CPU; infinite
     loader.state_dict() / loader.load_state_dict(sd)   # exact resume (plain ints and lists)
     loader.mix_stats()              # realised bucket / source mix, for metrics
-"""
-from data.batch import IGNORE_INDEX, PackedBatch
-from data.config import DataConfig, DataError, SourceConfig
-from data.loader import PackedLoader, build_train_loader, heldout_documents
-from data.packing import pack_documents
 
-__all__ = ["IGNORE_INDEX", "PackedBatch", "DataConfig", "DataError", "SourceConfig", "PackedLoader",
-           "build_train_loader", "heldout_documents", "pack_documents"]
+Names are imported on first use, so `python -m data.prepare` runs its module once (as __main__).
+"""
+import importlib
+
+_EXPORTS = {
+    "IGNORE_INDEX": "data.batch", "PackedBatch": "data.batch",
+    "DataConfig": "data.config", "DataError": "data.config", "SourceConfig": "data.config",
+    "PackedLoader": "data.loader", "build_train_loader": "data.loader", "heldout_documents": "data.loader",
+    "pack_documents": "data.packing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -181,7 +181,8 @@ class PackedLoader:
     def target_mix(self) -> Dict[str, float]:
         out: Dict[str, float] = {}
         for stream, p in zip(self.streams, self.targets):
-            for key in (f"mix/bucket/{self.bucket_names[stream.bucket]}", f"mix/source/{self.source_labels[stream.source]}"):
+            for key in (f"mix/bucket/{self.bucket_names[stream.bucket]}",
+                        f"mix/source/{self.source_labels[stream.source]}"):
                 out[key] = out.get(key, 0.0) + float(p)
         return out
 

@@ -1,7 +1,8 @@
 """Length buckets and the token mix across (source, bucket) streams.
 
 Every training piece falls in one bucket by its length: edges [0, e1, ..., eK] make buckets (0, e1], (e1, e2],
-..., so "0-4k" includes a piece of exactly 4096 tokens; the last bucket also takes pieces longer than eK. A stream is one (source, bucket) pair. `plan_mix` gives each stream its target share of
+..., so "0-4k" includes a piece of exactly 4096 tokens; the last bucket also takes pieces longer than eK.
+A stream is one (source, bucket) pair. `plan_mix` gives each stream its target share of
 tokens from the source weights and the bucket ratios, dropping empty streams (with a warning) and
 renormalising. `DeficitScheduler` then picks, for every next piece, the stream furthest behind its target
 share of the tokens scheduled so far: deterministic, a few ints of state, and the realised shares converge to
@@ -40,10 +41,11 @@ def plan_mix(tokens: np.ndarray, weights: Sequence[float], ratios: Sequence[floa
     ratios = np.asarray(ratios, np.float64)
     usable = (tokens > 0) & (ratios[None, :] > 0)
     warnings = []
-    for b, name in enumerate(bucket_names):
-        if ratios[b] > 0 and not usable[:, b].any():
-            warnings.append(f"length bucket {name} is empty (no training pieces of that length); "
-                            "the bucket ratios are renormalised over the others")
+    empty = [name for b, name in enumerate(bucket_names) if ratios[b] > 0 and not usable[:, b].any()]
+    if empty:
+        kept = [name for b, name in enumerate(bucket_names) if usable[:, b].any()]
+        warnings.append(f"length bucket(s) {', '.join(empty)} empty (no training pieces of those lengths at this "
+                        f"seq_len); the bucket ratios are renormalised over {', '.join(kept) or 'none'}")
     for s, name in enumerate(source_labels):
         if not usable[s].any():
             warnings.append(f"source {name!r} has no training pieces in a bucket with a positive ratio; it is "

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data.config import DataConfig, DataError, SourceConfig
+from data.config import DataConfig, DataError
 from data.sources import BadDocuments, ResolvedSource, iter_documents, resolve_source
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokenizer", help="a local Hugging Face tokenizer directory (default: the embedded model's)")
     p.add_argument("--cache-dir", help="where prepared sources go (default: $INFLLM_CACHE/data)")
     p.add_argument("--out", help="write the one source here instead of the cache (use it as kind: prepared)")
-    p.add_argument("--num-proc", type=int, help="tokenizer processes (default: min(8, cpus))")
+    p.add_argument("--num-proc", type=int, help="tokenizer processes (default: half the cpus, at most 8)")
     p.add_argument("overrides", nargs="*", help="DataConfig overrides as key=value, e.g. holdout_fraction=0.05")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -110,7 +110,7 @@ def resolve_source(src: SourceConfig, index: int = 0) -> ResolvedSource:
 
     path = os.path.expanduser(src.path)
     if any(c in path for c in "*?["):
-        paths = sorted(glob.glob(path, recursive=True))
+        paths = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not paths:
             raise DataError(f"{where}: the glob {src.path!r} matches no files")
     elif not os.path.exists(path):

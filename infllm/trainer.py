@@ -99,6 +99,7 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
+        _log_attention(attn, cfg.trainer.seq_len)
         engine = build_engine(model, cfg)
         loader = build_train_loader(cfg.data, tokenizer, seq_len=cfg.trainer.seq_len,
                                     micro_batch_size=cfg.trainer.micro_batch_size, rank=engine.rank,
@@ -224,8 +225,11 @@ class Trainer:
                     self.metrics.log(metrics)
                 if pbar is not None:
                     pbar.update(1)
-                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                   tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    if "sparse/density" in metrics:
+                        postfix["density"] = f"{metrics['sparse/density']:.2f}"
+                    pbar.set_postfix(**postfix)
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.run_eval()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
@@ -297,6 +301,19 @@ class Trainer:
         if callable(mix):
             m.update({f"data/{k}": v for k, v in mix().items() if isinstance(v, (int, float))})
         return m
+
+
+def _log_attention(attn, seq_len: int) -> None:
+    if attn.name != "infllm_v2":
+        log.info("attention: %s", attn.name)
+        return
+    from infllm.attention import expected_density
+
+    msg = (f"attention: InfLLM-V2 sparse, k_eff={attn.k_eff} blocks of {attn.block_size} tokens "
+           f"({attn.k_eff * attn.block_size} keys per query), dense below {attn.dense_len} tokens; a "
+           f"{seq_len}-token document attends {expected_density(seq_len, attn):.0%} of its causal key blocks")
+    log.info(msg)
+    print(msg, flush=True)
 
 
 def _plain(cfg: Config) -> Dict[str, Any]:

@@ -5,7 +5,7 @@
 #
 # UPPERCASE KEY=VALUE words are launcher settings; every other word goes to train.py as a Hydra override.
 #   NGPU              processes on this node (default: the visible GPUs, 1 without a GPU)
-#   NNODES, MASTER_ADDR, PORT   several nodes: see launch/multinode.sh, which sets these
+#   NNODES, MASTER_ADDR, PORT, RDZV   several nodes: see launch/multinode.sh, which sets these
 #   SHUTDOWN_TIMEOUT  seconds the processes get to finish their step and checkpoint after SIGTERM / SIGUSR1
 #                     before torchrun kills them (default 300)
 #   PYTHON            interpreter (default: the repository's .venv if there is one, else python3)
@@ -22,14 +22,15 @@ PORT="${PORT:-29500}"
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-300}"
 PYTHON="${PYTHON:-}"
 DRY_RUN="${DRY_RUN:-0}"
+RDZV="${RDZV:-0}"
 
 overrides=()
 for word in "$@"; do
-    if [[ "$word" =~ ^(NGPU|NNODES|MASTER_ADDR|PORT|SHUTDOWN_TIMEOUT|PYTHON|DRY_RUN)=(.*)$ ]]; then
+    if [[ "$word" =~ ^(NGPU|NNODES|MASTER_ADDR|PORT|SHUTDOWN_TIMEOUT|PYTHON|DRY_RUN|RDZV)=(.*)$ ]]; then
         printf -v "${BASH_REMATCH[1]}" '%s' "${BASH_REMATCH[2]}"
     elif [[ "$word" =~ ^[A-Z][A-Z0-9_]*= ]]; then
         echo "launch/run.sh: unknown launcher setting '${word%%=*}' (known: NGPU NNODES MASTER_ADDR PORT" \
-             "SHUTDOWN_TIMEOUT PYTHON DRY_RUN); Hydra overrides are lower-case" >&2
+             "RDZV SHUTDOWN_TIMEOUT PYTHON DRY_RUN); Hydra overrides are lower-case" >&2
         exit 2
     else
         overrides+=("$word")
@@ -52,7 +53,7 @@ has_override() {  # has_override KEY: is KEY=... among the Hydra overrides?
     return 1
 }
 if ! has_override run_name; then
-    if [[ "$NNODES" -gt 1 ]]; then
+    if [[ "$NNODES" -gt 1 || "$RDZV" == 1 ]]; then
         echo "launch/run.sh: several nodes need one explicit run_name=... (each node's clock gives its own)" >&2
         exit 2
     fi
@@ -75,7 +76,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="$SHUTDOWN_TIMEOUT"
 export PYTHONUNBUFFERED=1
 
 cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node="$NGPU")
-if [[ "$NNODES" -gt 1 ]]; then
+if [[ "$NNODES" -gt 1 || "$RDZV" == 1 ]]; then
     [[ -n "$MASTER_ADDR" ]] || { echo "launch/run.sh: NNODES>1 needs MASTER_ADDR (see launch/multinode.sh)" >&2; exit 2; }
     # c10d rendezvous: every node runs this same command; the id keeps concurrent jobs apart.
     run_id="$(printf '%s\n' "${overrides[@]}" | sed -n 's/^+\{0,1\}run_name=//p' | tail -n 1 | tr -c 'A-Za-z0-9_.\n-' '_')"

@@ -33,12 +33,15 @@ from infllm.config import ConfigError  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 pytest.importorskip("deepspeed")
+# The tests share torchrun results through module fixtures: with `pytest -n N --dist loadgroup` they stay on
+# one worker and run once.
+pytestmark = pytest.mark.xdist_group("distributed")
 
 RUN_SH = os.path.join(REPO, "launch", "run.sh")
 STEPS = 6
-# The debug model on 256-token rows (shorter than the sparse attention's dense_len: dense documents, fast), a
-# warmup + cosine schedule so that the lr of every step is checked too. 2 rows x 2 micro-batches per rank.
-BASE = ["experiment=debug", "trainer.progress_bar=false", "trainer.seq_len=256", "trainer.micro_batch_size=2",
+# The debug model on 128-token rows (shorter than the sparse attention's dense_len: dense documents, fast), a
+# warmup + cosine schedule so that the lr of every step is checked too. 1 row x 2 micro-batches per rank.
+BASE = ["experiment=debug", "trainer.progress_bar=false", "trainer.seq_len=128", "trainer.micro_batch_size=1",
         "trainer.grad_accum_steps=2", "schedule.name=cosine", "schedule.warmup_steps=2",
         f"trainer.max_steps={STEPS}", "logger=console"]
 LAUNCH_TIMEOUT = 420
@@ -98,8 +101,14 @@ def reference(tmp_path_factory):
     loaders = [build_train_loader(cfg.data, trainer.tokenizer, seq_len=cfg.trainer.seq_len,
                                   micro_batch_size=cfg.trainer.micro_batch_size, rank=r, world_size=2,
                                   seed=cfg.trainer.seed) for r in (0, 1)]
-    trainer.loader = _Interleaved(loaders, per_rank=2)
-    trainer.fit()
+    trainer.loader = _Interleaved(loaders, per_rank=cfg.trainer.grad_accum_steps // 2)
+    # One thread, like each torchrun process: a second one only spins on a busy 2-core machine (10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
     weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     return {"loss": metrics(run), "lr": metrics(run, "lr"), "weights": weights}
 

@@ -4,7 +4,8 @@ Every sample is `prompt_ids + answer_ids`, exactly `length` tokens long (common_
 The prompt is: task header, haystack with the needles inserted at line/sentence boundaries, question, and an
 answer prefix ("The pass key is"), so a base model can be scored on the answer tokens with one forward pass.
 Each value of the answer is tokenised once and the same token ids are placed in the context, so a model that
-copies from its context can reproduce them exactly.
+copies from its context can reproduce them exactly; only the values' tokens are scored (value_spans), not the
+separators between them.
 
 A sample's `depth` is where its target needle starts in the haystack (0 = first token after the header,
 1 = last); the other needles of the multi-needle tasks get seeded random depths.
@@ -12,7 +13,7 @@ A sample's `depth` is where its target needle starts in the haystack (0 = first 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from infllm.eval.haystack import (NOISE_FILLER, PASSKEY_FILLER, Haystack, bos_prefix, encode, filler_haystack,
@@ -37,7 +38,8 @@ _VOWELS = "aeiou"
 
 @dataclass
 class Value:
-    """A needle value inside a piece's template: tokenised as " " + text, the same ids as in the answer."""
+    """A needle value inside a piece's template: tokenised as " " + text, the same ids as in the answer
+    (see value_ids)."""
     text: str
 
 
@@ -69,12 +71,6 @@ class Sample:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.answer_ids)
-
-    def describe(self) -> Dict[str, Any]:
-        d = asdict(self)
-        for k in ("prompt_ids", "answer_ids"):
-            d.pop(k)
-        return d
 
 
 class HaystackPool:
@@ -120,14 +116,25 @@ def _pseudo_word(rng: random.Random) -> str:
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
 
 
+def value_ids(tokenizer, text: str) -> Tuple[List[int], List[int]]:
+    """(space, value) token ids of " " + text. Tokenizers that split digits (SmolLM2, Llama 2) give the space a
+    token of its own; it is layout, not answer, so it goes with the prompt or the separator, not the value."""
+    ids = encode(tokenizer, " " + text)
+    if len(ids) > 1 and not tokenizer.decode(ids[:1], clean_up_tokenization_spaces=False).strip():
+        return ids[:1], ids[1:]
+    return [], ids
+
+
 def _compose(tokenizer, parts: Sequence) -> Tuple[List[int], List[Tuple[str, int]]]:
     """Token ids of a template (str and Value parts) and (value, offset) of each Value in it."""
     ids: List[int] = []
     found = []
     for part in parts:
         if isinstance(part, Value):
+            space, value = value_ids(tokenizer, part.text)
+            ids += space
             found.append((part.text, len(ids)))
-            ids += encode(tokenizer, " " + part.text)
+            ids += value
         elif part:
             ids += encode(tokenizer, part)
     return ids, found
@@ -168,11 +175,13 @@ def _assemble(tokenizer, spec: _Spec, task: str, length: int, depth: Optional[fl
     answer: List[int] = []
     spans = []
     for i, v in enumerate(spec.values):
-        if i and spec.separator:
-            answer += encode(tokenizer, spec.separator)
-        start = len(answer)
-        answer += encode(tokenizer, " " + v)
-        spans.append((start, len(answer)))
+        space, value = value_ids(tokenizer, v)
+        if i == 0:
+            prefix += space
+        else:
+            answer += (encode(tokenizer, spec.separator) if spec.separator else []) + space
+        spans.append((len(answer), len(answer) + len(value)))
+        answer += value
     fixed = len(bos) + len(header) + sum(len(p[1]) for p in pieces) + len(question) + len(prefix) + len(answer)
     if hay is None:
         hay_len = length - fixed

@@ -234,53 +234,53 @@ def _select_kernel(q_ptr, kc_ptr, kc2_ptr, cu_ptr, out_ptr,
         offs_n = tl.arange(0, BLOCK_N)                     # [BLOCK_N]
         offs_bi = tl.arange(0, NBI)                        # [NBI]
         offs_kpb = tl.arange(0, KPB)                       # [KPB]
-        offs_sub = tl.arange(0, K_SEL // NBI)              # [K_SEL // NBI]
+        SUBS: tl.constexpr = K_SEL // NBI                  # inner steps per merge
+        offs_sub = tl.arange(0, SUBS)                      # [SUBS]
         stream_end = c_last - N_LOCAL                      # no token of the tile scores a block >= this
-        n_chunks = tl.where(stream_end > INIT, tl.cdiv(stream_end, K_SEL), 0)
+        n_steps = tl.where(stream_end > INIT, tl.cdiv(stream_end, NBI), 0)
         state = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)   # [BLOCK_T, K_SEL] keys, descending
+        buf = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)     # [BLOCK_T, K_SEL] keys of the last SUBS steps
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)           # tail of the block before the step
-        for ch in range(0, n_chunks):
-            buf = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)  # [BLOCK_T, K_SEL] this chunk's keys
-            for sub in tl.static_range(K_SEL // NBI):
-                b0 = ch * K_SEL + sub * NBI
-                if b0 < stream_end:
-                    offs_j = b0 * KPB + offs_n
-                    kc = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :],
-                                 mask=(offs_j < n_kc)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                                 other=0.0)                                               # [BLOCK_N, BLOCK_D]
-                    s = tl.dot(kc, qT, input_precision=DOT_PREC)                         # [BLOCK_N, M]
-                    p = tl.exp2(s * qk_scale - lse2[None, :])                            # [BLOCK_N, M]
-                    # Only steps that reach past the tile's first token hold invisible kernels.
-                    if (b0 * KPB + BLOCK_N - 1) * KSTRIDE + KSIZE - 1 > t0:
-                        visible = ((offs_j[:, None] * KSTRIDE + (KSIZE - 1)) <= t_r[None, :]) \
-                            & (offs_j < n_kc)[:, None]
-                        p = tl.where(visible, p, 0.0)
-                    if P_FP16:
-                        S = tl.dot(tl.minimum(p, 65504.0).to(tl.float16), R)             # [BLOCK_N, BLOCK_T]
-                    else:
-                        S = tl.dot(p, R, input_precision=DOT_PREC)                       # [BLOCK_N, BLOCK_T]
-                    S3 = tl.reshape(S, [NBI, KPB, BLOCK_T])                              # [NBI, KPB, BLOCK_T]
-                    # Scores are >= 0 and every stream block has a visible kernel, so 0 is max's identity.
-                    head = tl.reduce(S3, 1, tl.standard._elementwise_max)                                          # [NBI, BLOCK_T]
-                    tail = tl.reduce(tl.where(offs_kpb[None, :, None] >= I_TAIL, S3, 0.0), 1, tl.standard._elementwise_max)
-                    prev_idx = tl.maximum(offs_bi - 1, 0)[:, None] + tl.zeros([NBI, BLOCK_T], dtype=tl.int32)
-                    prev = tl.gather(tail, prev_idx, 0)                                  # tail[b - 1]
-                    prev = tl.where(offs_bi[:, None] == 0, carry[None, :], prev)
-                    carry = tl.reduce(tl.where(offs_bi[:, None] == NBI - 1, tail, 0.0), 0, tl.standard._elementwise_max)
-                    blk = tl.trans(tl.maximum(head, prev))                               # [BLOCK_T, NBI]
-                    b = b0 + offs_bi                                                     # [NBI]
-                    # Low bits hold ID_MASK - b: among equal scores the lower block id ranks first.
-                    key = (blk.to(tl.int32, bitcast=True) & SCORE_MASK) | (ID_MASK - b)[None, :]
-                    in_stream = (b[None, :] >= INIT) & (b[None, :] < stream_hi[:, None])
-                    key = tl.where(in_stream, key, -1)                                   # [BLOCK_T, NBI]
-                    buf3 = tl.reshape(buf, [BLOCK_T, K_SEL // NBI, NBI])
-                    buf3 = tl.where((offs_sub == sub)[None, :, None], key[:, None, :], buf3)
-                    buf = tl.reshape(buf3, [BLOCK_T, K_SEL])
-            # Top K_SEL of state (descending) and buf: elementwise max against buf ascending is bitonic.
-            # (Named intermediate: the interpreter mishandles a device-function call on an inline expression.)
-            buf = _bitonic_rows(buf, LOG_KSEL, N_DIMS, 1, 0)
-            top = tl.maximum(state, buf)
-            state = _bitonic_rows(top, LOG_KSEL, N_DIMS, LOG_KSEL, 1)
+        for step in range(0, n_steps):
+            b0 = step * NBI
+            offs_j = b0 * KPB + offs_n
+            kc = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :],
+                         mask=(offs_j < n_kc)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            s = tl.dot(kc, qT, input_precision=DOT_PREC)                                 # [BLOCK_N, M]
+            p = tl.exp2(s * qk_scale - lse2[None, :])                                    # [BLOCK_N, M]
+            # Only steps that reach past the tile's first token hold invisible kernels.
+            if (b0 * KPB + BLOCK_N - 1) * KSTRIDE + KSIZE - 1 > t0:
+                visible = ((offs_j[:, None] * KSTRIDE + (KSIZE - 1)) <= t_r[None, :]) & (offs_j < n_kc)[:, None]
+                p = tl.where(visible, p, 0.0)
+            if P_FP16:
+                S = tl.dot(tl.minimum(p, 65504.0).to(tl.float16), R)                     # [BLOCK_N, BLOCK_T]
+            else:
+                S = tl.dot(p, R, input_precision=DOT_PREC)                               # [BLOCK_N, BLOCK_T]
+            S3 = tl.reshape(S, [NBI, KPB, BLOCK_T])                                      # [NBI, KPB, BLOCK_T]
+            # Scores are >= 0 and every stream block has a visible kernel, so 0 is max's identity.
+            head = tl.reduce(S3, 1, tl.standard._elementwise_max)                        # [NBI, BLOCK_T]
+            tail = tl.reduce(tl.where(offs_kpb[None, :, None] >= I_TAIL, S3, 0.0), 1, tl.standard._elementwise_max)
+            prev_idx = tl.maximum(offs_bi - 1, 0)[:, None] + tl.zeros([NBI, BLOCK_T], dtype=tl.int32)
+            prev = tl.gather(tail, prev_idx, 0)                                          # tail[b - 1]
+            prev = tl.where(offs_bi[:, None] == 0, carry[None, :], prev)
+            carry = tl.reduce(tl.where(offs_bi[:, None] == NBI - 1, tail, 0.0), 0, tl.standard._elementwise_max)
+            blk = tl.trans(tl.maximum(head, prev))                                       # [BLOCK_T, NBI]
+            b = b0 + offs_bi                                                             # [NBI]
+            # Low bits hold ID_MASK - b: among equal scores the lower block id ranks first.
+            key = (blk.to(tl.int32, bitcast=True) & SCORE_MASK) | (ID_MASK - b)[None, :]
+            in_stream = (b[None, :] >= INIT) & (b[None, :] < stream_hi[:, None])
+            key = tl.where(in_stream, key, -1)                                           # [BLOCK_T, NBI]
+            sub = step % SUBS
+            buf3 = tl.reshape(buf, [BLOCK_T, SUBS, NBI])
+            buf3 = tl.where((offs_sub == sub)[None, :, None], key[:, None, :], buf3)
+            buf = tl.reshape(buf3, [BLOCK_T, K_SEL])
+            if (sub == SUBS - 1) | (step == n_steps - 1):
+                # Top K_SEL of state (descending) and buf: elementwise max against buf ascending is bitonic.
+                # (Named intermediate: the interpreter mishandles a device-function call on an inline expression.)
+                buf = _bitonic_rows(buf, LOG_KSEL, N_DIMS, 1, 0)
+                top = tl.maximum(state, buf)
+                state = _bitonic_rows(top, LOG_KSEL, N_DIMS, LOG_KSEL, 1)
+                buf = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)
     else:
         # Every block of [0, c] is selected: the stream is taken whole, scores unneeded.
         b_all = INIT + offs_k

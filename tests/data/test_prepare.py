@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 import data.prepare as prepare_mod
 from data import build_train_loader, heldout_documents

@@ -8,8 +8,6 @@ from infllm.eval.tasks import HaystackPool, generate_samples, make_sample
 
 NEEDLE_TASKS = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
                 "variable_tracking"]
-COPIED_VALUES = {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
-                 "variable_tracking"}
 
 
 def _fresh_pool(tokenizer):

@@ -224,3 +224,10 @@ def test_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_kv_through_tensor_descriptors(nan_poison, monkeypatch):
+    """The TMA variant of the forward / dQ block walks (K/V rows past a document end come from the next
+    document and must be masked), with dense and sparse documents and G = 4 token packing."""
+    monkeypatch.setitem(attn.TUNING, "kv_tma", True)
+    _run_case(([61, 9, 30], 8, 2, 64, 16, 3, 20), torch.float32, seed=2)
