@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import time
 
-import torch
+# Run as a script, this folder is sys.path[0]; a module here named like a standard one (say bench/select.py) would
+# shadow it, so the repository root takes its place.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
 if "--smoke" in sys.argv:  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -188,7 +192,8 @@ def sdpa_fn(q, k, v, seqlen, batch, backend):
         return x.view(batch, seqlen, x.shape[1], d).transpose(1, 2)
 
     def run(q, k, v, expand):
-        kk, vv = (k.repeat_interleave(h_q // h_kv, dim=1), v.repeat_interleave(h_q // h_kv, dim=1)) if expand else (k, v)
+        group = h_q // h_kv
+        kk, vv = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if expand else (k, v)
         with sdpa_kernel([be]):
             out = F.scaled_dot_product_attention(to_bhtd(q), to_bhtd(kk), to_bhtd(vv), is_causal=True,
                                                  enable_gqa=(not expand) and h_q != h_kv)
@@ -275,8 +280,8 @@ def run_case(name, cfg, args, results):
         except Exception as exc:  # keep measuring the attention on a stand-in selection
             print(f"  {name}: selection FAILED ({type(exc).__name__}: {exc}); random selection instead")
             block_idx = random_block_idx(h_kv, n, seqlen, sel, device)
-    pairs_sparse = attended_pairs(block_idx, seqlen, sel["block_size"]) * 1
-    pairs_sparse_total = pairs_sparse  # per KV head == per query head
+    # Pairs per KV head; every query head of the group computes the same ones (record() multiplies by H_q).
+    pairs_sparse = attended_pairs(block_idx, seqlen, sel["block_size"])
     if infllm_v2_select_triton is not None:
         record("select", "fwd", lambda: infllm_v2_select_triton(q, k, cu, seqlen, **sel), 0)
     else:
@@ -290,10 +295,10 @@ def run_case(name, cfg, args, results):
                                              **sel)
 
     for p in passes:
-        record("sparse", p, (lambda: sparse(q, k, v)) if p == "fwd" else fwd_bwd(sparse), pairs_sparse_total)
+        record("sparse", p, (lambda: sparse(q, k, v)) if p == "fwd" else fwd_bwd(sparse), pairs_sparse)
     if infllm_v2_select_triton is not None:
         for p in passes:
-            record("infllm", p, (lambda: whole(q, k, v)) if p == "fwd" else fwd_bwd(whole), pairs_sparse_total)
+            record("infllm", p, (lambda: whole(q, k, v)) if p == "fwd" else fwd_bwd(whole), pairs_sparse)
 
     # Where the sparse time goes: index building on the host side (torch ops on the GPU).
     if on_gpu and not cfg["fwd_only"]:
@@ -308,11 +313,10 @@ def run_case(name, cfg, args, results):
         if mode == 1:
             def unions():
                 td, ts, _ = attn._tiles(cu, n, tok)
-                attn._tile_unions(block_idx, cu, td, ts, tok)
+                attn._tile_unions(block_idx, cu, td, ts, tok, seqlen, sel["block_size"])
             record("tile-unions", "fwd", unions, 0)
-            uid, umask, count = None, None, None
             td, ts, _ = attn._tiles(cu, n, tok)
-            _, _, count = attn._tile_unions(block_idx, cu, td, ts, tok)
+            _, _, count = attn._tile_unions(block_idx, cu, td, ts, tok, seqlen, sel["block_size"])
             valid = td >= 0
             mean_union = float(count[:, valid].float().mean().item())
             rows.append(dict(case=name, impl="union-stats", pass_="-", mean_union_blocks=mean_union,
@@ -343,15 +347,18 @@ def run_case(name, cfg, args, results):
 
 
 # Launch-parameter variants tried by --sweep on the sparse attention alone (fwd and fwd+bwd).
+# Launch-parameter variants tried by --sweep on the sparse attention alone (fwd and fwd+bwd); the fastest stays
+# for the rest of the run. Earlier sweeps (bench/README.md) chose the defaults now in attention.TUNING.
 SWEEP = {
-    "base": {},
-    "tma-s2": {"kv_tma": True, "fwd": {64: (4, 2), 128: (4, 2)}, "dq": {64: (4, 2), 128: (4, 2)}},
-    "tma-s3": {"kv_tma": True, "fwd": {64: (4, 3), 128: (4, 3)}, "dq": {64: (4, 3), 128: (4, 3)}},
-    "tma-s4": {"kv_tma": True, "fwd": {64: (4, 4), 128: (4, 4)}, "dq": {64: (4, 2), 128: (4, 2)}},
-    "tma-s2-dkdv128": {"kv_tma": True, "fwd": {64: (4, 2), 128: (4, 2)}, "dq": {64: (4, 2), 128: (4, 2)},
-                       "dkdv_rows": 128},
+    "default": {},
+    "pointer-kv": {"kv_tma": False},
 }
-SWEEP_ROWS = {"rows16": {"sparse_rows": 16}, "rows64": {"sparse_rows": 64}}
+# Query-tile rows: 16 (one token of G = 16 heads, or 16 // G tokens) against 64 (tokens packed over the union
+# of their blocks), for G = 16 and G < 16.
+SWEEP_ROWS = {"rows16": {"sparse_rows": 16, "sparse_rows_small_g": 16},
+              "rows64": {"sparse_rows": 64, "sparse_rows_small_g": 64}}
+SWEEP_ROWS_CASES = ("minicpm4-32kx8-64blk-smooth", "llama3-32kx8-64blk-smooth", "llama3-32kx8-64blk",
+                    "smollm2-32kx8-64blk")
 
 
 def sweep(args, results):
@@ -399,7 +406,7 @@ def sweep(args, results):
         attn.TUNING.update(SWEEP[best])
     print(f"  sweep: keeping '{best}' for the rest of the run", flush=True)
     tuned = copy.deepcopy(attn.TUNING)
-    for case in ("minicpm4-32kx8-64blk-smooth", "llama3-32kx8-64blk-smooth", "llama3-32kx8-64blk"):
+    for case in SWEEP_ROWS_CASES:
         cfg = CASES[case]
         q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
         sel = SELECTIONS[cfg["sel"]]

@@ -150,6 +150,17 @@ def infllm_v1_config_of(model: torch.nn.Module) -> Optional[InfLLMv1Config]:
     return None
 
 
+def _check_cache(cache: Any, layer_idx: int) -> None:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", [])
+    layer = layers[layer_idx] if layer_idx < len(layers) else None
+    if not isinstance(cache, DynamicCache) or (layer is not None and type(layer) is not DynamicLayer):
+        raise ValueError(f"infllm_v1 keeps its keys in a growing DynamicCache; got {type(cache).__name__} "
+                         f"(layer {type(layer).__name__}). Use the default cache (no cache_implementation)")
+
+
 def _memory_for(cache: Any, layer_idx: int, past: int) -> Optional[ContextMemory]:
     store = getattr(cache, _CACHE_ATTR, None)
     if store is None:
@@ -199,6 +210,7 @@ def v1_self_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor
         q, k = self.q_norm(q), self.k_norm(k)
 
     if past_key_values is not None:
+        _check_cache(past_key_values, self.layer_idx)
         past = past_key_values.get_seq_length(self.layer_idx)
         memory = _memory_for(past_key_values, self.layer_idx, past)
         if self.layer_idx == 0:

@@ -27,7 +27,7 @@ Checkpoints. `checkpoint_files` hands the trainer one entry, `zero/`, written by
 `save_checkpoint` into the checkpoint's temporary directory (model states from rank 0, one optimizer partition
 per rank, `latest` and DeepSpeed's `zero_to_fp32.py`), beside the trainer's per-rank state and the manifest.
 Loading reads those pickles with `torch.load(weights_only=True)`, allowing only the few DeepSpeed classes its
-checkpoints hold (see `SAFE_DEEPSPEED_GLOBALS`).
+checkpoints hold (`_safe_deepspeed_globals`); the ranks first agree that each could read its files.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def launcher_argv(argv: List[str]) -> List[str]:
     - The deepspeed launcher appends `--local_rank=N` (or `--local_rank N`): Hydra would reject it. It is dropped
       and kept in LOCAL_RANK, where torchrun puts it anyway.
     - Ranks > 0 neither write Hydra's `.hydra/` config copy nor its log file: rank 0 writes them into the run
-      directory all ranks share; the other ranks log to their stdout only.
+      directory all ranks share; the other ranks log warnings and errors to their stdout.
     - A Hydra multirun (`-m`) inside one torchrun would re-initialise the process group for its second job and
       hang there; sweeps run each point as its own torchrun (launch/sweep.py).
     """
@@ -88,7 +88,7 @@ def launcher_argv(argv: List[str]) -> List[str]:
                          "re-initialising the process group); sweep with `python launch/sweep.py` instead, which "
                          "starts one torchrun per point")
     if rank > 0:
-        out += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        out += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
     return out
 
 
@@ -203,9 +203,10 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 # -- checkpoints read without unpickling arbitrary objects ----------------------------------------------
 
 def _safe_deepspeed_globals() -> List[Any]:
-    """The non-tensor classes DeepSpeed puts into its checkpoints: the loss scaler objects and enums of the
-    ZeRO optimizer state, and the ZeRO stage enum. Everything else in them is tensors, numbers, strings and
-    containers, which `weights_only=True` reads by itself."""
+    """The non-tensor classes DeepSpeed 0.19 puts into its checkpoints (found with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` for ZeRO-1/2/3, fp32 and bf16, with and without
+    offload): the loss scaler, the ZeRO stage enum, and the fragment addresses of the ZeRO-1/2 optimizer state.
+    Everything else is tensors, numbers, strings and containers, which `weights_only=True` reads by itself."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -261,7 +262,6 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.zero_stage = cfg.parallel.zero_stage
         optimizer = build_optimizer(model, cfg)
         max_steps = cfg.trainer.max_steps
         self.ds_config = deepspeed_config(cfg, device)
@@ -313,7 +313,8 @@ class DeepSpeedEngine:
             t = x.detach().clone().to(self._comm_device())
             dist.all_reduce(t)
             return t.to(x.device)
-        t = torch.tensor(x, dtype=torch.float64 if isinstance(x, float) else torch.int64, device=self._comm_device())
+        dtype = torch.float64 if isinstance(x, float) else torch.int64
+        t = torch.tensor(x, dtype=dtype, device=self._comm_device())
         dist.all_reduce(t)
         return type(x)(t.item())
 
@@ -429,12 +430,11 @@ def build_engine(model: torch.nn.Module, cfg: Config):
     share_run_dir(cfg)
     engine = DeepSpeedEngine(model, cfg, device)
     if engine.rank == 0:
-        t = cfg.trainer
-        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s: global batch %d rows x %d tokens (micro-batch %d x "
-                 "accumulation %d x ranks)", cfg.parallel.zero_stage, world_size, device.type,
-                 " (offload: " + ", ".join(n for n, on in (("optimizer", cfg.parallel.offload_optimizer),
-                                                          ("params", cfg.parallel.offload_params)) if on) + ")"
-                 if cfg.parallel.offload_optimizer or cfg.parallel.offload_params else "",
+        p, t = cfg.parallel, cfg.trainer
+        offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
+        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s, %s: global batch %d rows x %d tokens (micro-batch %d x "
+                 "accumulation %d x ranks)", p.zero_stage, world_size, device.type,
+                 f" (offload: {', '.join(offload)})" if offload else "", "bf16" if use_bf16(cfg, device) else "fp32",
                  t.micro_batch_size * t.grad_accum_steps * world_size, t.seq_len, t.micro_batch_size,
                  t.grad_accum_steps)
     return engine

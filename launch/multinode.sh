@@ -20,7 +20,7 @@ for word in "$@"; do
     esac
 done
 [[ -n "$nnodes" ]] || { echo "launch/multinode.sh: set NNODES=<number of nodes>" >&2; exit 2; }
-[[ -n "$master" ]] || { echo "launch/multinode.sh: set MASTER_ADDR=<host of the rendezvous, e.g. the first node>" >&2; exit 2; }
+[[ -n "$master" ]] || { echo "launch/multinode.sh: set MASTER_ADDR=<rendezvous host, e.g. node 0>" >&2; exit 2; }
 [[ "$named" == 1 ]] || { echo "launch/multinode.sh: pass run_name=... (the same on every node)" >&2; exit 2; }
 # NNODES=1 still goes through the rendezvous, which is what a one-node Slurm job of this script wants.
 NNODES="$nnodes" MASTER_ADDR="$master" RDZV=1 exec bash "$here/run.sh" "$@"

@@ -77,9 +77,13 @@ export PYTHONUNBUFFERED=1
 
 cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node="$NGPU")
 if [[ "$NNODES" -gt 1 || "$RDZV" == 1 ]]; then
-    [[ -n "$MASTER_ADDR" ]] || { echo "launch/run.sh: NNODES>1 needs MASTER_ADDR (see launch/multinode.sh)" >&2; exit 2; }
+    if [[ -z "$MASTER_ADDR" ]]; then
+        echo "launch/run.sh: NNODES>1 needs MASTER_ADDR (see launch/multinode.sh)" >&2
+        exit 2
+    fi
     # c10d rendezvous: every node runs this same command; the id keeps concurrent jobs apart.
-    run_id="$(printf '%s\n' "${overrides[@]}" | sed -n 's/^+\{0,1\}run_name=//p' | tail -n 1 | tr -c 'A-Za-z0-9_.\n-' '_')"
+    run_id="$(printf '%s\n' "${overrides[@]}" | sed -n 's/^+\{0,1\}run_name=//p' | tail -n 1)"
+    run_id="$(printf '%s' "$run_id" | tr -c 'A-Za-z0-9_.-' '_')"
     cmd+=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$PORT" --rdzv-id="$run_id")
 else
     cmd+=(--standalone)

@@ -125,7 +125,8 @@ def main(argv: List[str]) -> int:
     points = [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
     run_sh_settings = [f"{k}={settings[k]}" for k in PASSED_TO_RUN_SH if k in settings]
     print(f"sweep: {len(points)} point(s) in {sweep_dir}", flush=True)
-    os.makedirs(sweep_dir, exist_ok=True)
+    if settings.get("DRY_RUN") != "1":
+        os.makedirs(sweep_dir, exist_ok=True)
     results = []
     for i, point in enumerate(points):
         run_dir = os.path.join(sweep_dir, str(i))

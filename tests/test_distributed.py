@@ -10,9 +10,12 @@
 - a NaN loss on one rank is skipped and counted on both;
 - a wrong world size fails before training; a 2-point sweep runs each point on 2 ranks and writes its summary.
 
-A torchrun costs ~15-30 s on 2 cores (imports, DeepSpeed set-up), so runs are shared through module fixtures.
+A torchrun costs ~15-30 s on 2 cores (imports, DeepSpeed set-up), so the uninterrupted runs and the one-process
+reference are made once per session and shared, also by pytest-xdist workers (a file lock decides who runs them).
 The file doubles as the torchrun worker of the NaN test (`python tests/test_distributed.py nan ...`).
 """
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -33,9 +36,6 @@ from infllm.config import ConfigError  # noqa: E402
 from tests.helpers import compose_config  # noqa: E402
 
 pytest.importorskip("deepspeed")
-# The tests share torchrun results through module fixtures: with `pytest -n N --dist loadgroup` they stay on
-# one worker and run once.
-pytestmark = pytest.mark.xdist_group("distributed")
 
 RUN_SH = os.path.join(REPO, "launch", "run.sh")
 STEPS = 6
@@ -73,6 +73,28 @@ def metrics(run_dir, key="loss"):
     return [r[key] for r in rows]
 
 
+def _shared_dir(tmp_path_factory, name):
+    """A directory of this pytest session that every xdist worker sees (each has its own basetemp below it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return str(root / name)
+
+
+@contextlib.contextmanager
+def _once(path):
+    """Yields True to the first caller, which makes `path`; the others wait, then get False and reuse it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        todo = not os.path.exists(path + ".done")
+        if todo:
+            shutil.rmtree(path, ignore_errors=True)
+        yield todo
+        if todo:
+            open(path + ".done", "w").close()
+
+
 class _Interleaved:
     """The micro-batches the ranks of a 2-rank run see in one step, in one stream: rank 0's window, then rank
     1's. One process with twice the accumulation steps then trains on exactly the same global batch."""
@@ -90,11 +112,19 @@ class _Interleaved:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process (SingleEngine), the 2-rank global batch: losses, lrs and final weights."""
+    """One process (SingleEngine), the 2-rank global batch: losses, lrs, grad norms and final weights."""
+    run = _shared_dir(tmp_path_factory, "reference")
+    with _once(run) as todo:
+        if todo:
+            _train_reference(run)
+    return {"loss": metrics(run), "lr": metrics(run, "lr"), "grad_norm": metrics(run, "grad_norm"),
+            "weights": torch.load(os.path.join(run, "weights.pt"), weights_only=True)}
+
+
+def _train_reference(run):
     from data import build_train_loader
     from infllm.trainer import Trainer
 
-    run = str(tmp_path_factory.mktemp("reference") / "run")
     cfg = compose_config(BASE + ["parallel=single", "trainer.grad_accum_steps=4", "checkpoint.every_steps=0",
                                  "checkpoint.save_hf=false"], output_dir=run)
     trainer = Trainer.build(cfg)
@@ -109,17 +139,29 @@ def reference(tmp_path_factory):
         trainer.fit()
     finally:
         torch.set_num_threads(threads)
-    weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
-    return {"loss": metrics(run), "lr": metrics(run, "lr"), "weights": weights}
+    torch.save(trainer.engine.module.state_dict(), os.path.join(run, "weights.pt"))
 
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory):
     """2 ranks, ZeRO-2, uninterrupted, a checkpoint every 2 steps."""
-    run = str(tmp_path_factory.mktemp("zero2") / "zero2")
-    _, out = launch(run, ["parallel=zero2", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
-                          "checkpoint.save_hf=false"])
-    assert "DeepSpeed ZeRO-2 on 2 cpu ranks" in out
+    run = _shared_dir(tmp_path_factory, "zero2")
+    with _once(run) as todo:
+        if todo:
+            _, out = launch(run, ["parallel=zero2", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+                                  "checkpoint.save_hf=false"])
+            assert "DeepSpeed ZeRO-2 on 2 cpu ranks" in out
+    return run
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    """2 ranks, ZeRO-3, uninterrupted, exported in Hugging Face format at the end."""
+    run = _shared_dir(tmp_path_factory, "zero3")
+    with _once(run) as todo:
+        if todo:
+            _, out = launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=true"])
+            assert "DeepSpeed ZeRO-3 on 2 cpu ranks" in out
     return run
 
 
@@ -127,6 +169,9 @@ def _assert_matches_reference(run, reference):
     torch.testing.assert_close(torch.tensor(metrics(run)), torch.tensor(reference["loss"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(metrics(run, "lr")), torch.tensor(reference["lr"]), rtol=1e-6,
                                atol=0)
+    # DeepSpeed's norm (before clipping, over all ranks' shards) is the one process's clip_grad_norm_.
+    torch.testing.assert_close(torch.tensor(metrics(run, "grad_norm")), torch.tensor(reference["grad_norm"]),
+                               rtol=1e-3, atol=0)
 
 
 def test_zero2_two_ranks_match_one_process(zero2_run, reference):
@@ -137,14 +182,11 @@ def test_zero2_two_ranks_match_one_process(zero2_run, reference):
             "zero/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_state_rank1.json", "rng_rank1.pt"} <= set(names)
 
 
-def test_zero3_two_ranks_match_one_process_and_export_consolidates(tmp_path, reference):
+def test_zero3_two_ranks_match_one_process_and_export_consolidates(zero3_run, reference):
     from transformers import AutoModelForCausalLM
 
-    run = str(tmp_path / "zero3")
-    _, out = launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=true"])
-    assert "DeepSpeed ZeRO-3 on 2 cpu ranks" in out
-    _assert_matches_reference(run, reference)
-    final = os.path.join(run, "final")
+    _assert_matches_reference(zero3_run, reference)
+    final = os.path.join(zero3_run, "final")
     assert json.load(open(os.path.join(final, "config.json")))["sparse_config"]["block_size"] == 32
     exported = AutoModelForCausalLM.from_pretrained(final).state_dict()  # plain transformers
     assert set(exported) == set(reference["weights"])
@@ -152,9 +194,11 @@ def test_zero3_two_ranks_match_one_process_and_export_consolidates(tmp_path, ref
         torch.testing.assert_close(exported[name], ref, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_sigterm_then_resume_continues_the_curve_exactly(tmp_path, zero2_run):
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_sigterm_then_resume_continues_the_curve_exactly(tmp_path, request, stage):
+    uninterrupted = request.getfixturevalue(f"zero{stage}_run")
     run = str(tmp_path / "stopped")
-    overrides = ["parallel=zero2", "checkpoint.every_steps=0", "checkpoint.save_hf=false"]
+    overrides = [f"parallel=zero{stage}", "checkpoint.every_steps=0", "checkpoint.save_hf=false"]
     proc = subprocess.Popen(_run_sh(run, overrides), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log_path = os.path.join(run, "metrics.jsonl")
@@ -182,7 +226,7 @@ def test_sigterm_then_resume_continues_the_curve_exactly(tmp_path, zero2_run):
     resumed = metrics(run)
     assert len(resumed) == STEPS
     # Same ranks, same data position, same RNG: the resumed run's losses are the uninterrupted run's.
-    assert resumed == metrics(zero2_run), (resumed, metrics(zero2_run))
+    assert resumed == metrics(uninterrupted), (resumed, metrics(uninterrupted))
 
 
 def test_corrupt_checkpoint_refused_on_every_rank(tmp_path, zero2_run):
@@ -260,7 +304,7 @@ def test_launcher_argv_and_generated_deepspeed_config(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "1"
     monkeypatch.setenv("RANK", "1")
     assert launcher_argv(["train.py", "--local_rank", "1", "a=b"])[1:] == [
-        "a=b", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+        "a=b", "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
     with pytest.raises(SystemExit, match="launch/sweep.py"):
         launcher_argv(["train.py", "-m", "optim.lr=1,2"])
 

@@ -206,24 +206,40 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 
 def plot_loss(metrics_path: str, path: str) -> Optional[str]:
-    """Training loss per step from a trainer's metrics.jsonl (one JSON object per step with step and loss)."""
-    rows = [r for r in read_metrics(metrics_path) if "step" in r and "loss" in r]
-    if not rows:
+    """Training loss per step from a trainer's metrics.jsonl (rows with step and loss), and the in-loop eval
+    accuracy (rows with eval/<mode>/acc) on a second axis when the trainer logged some."""
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if "step" in r and "loss" in r]
+    if not train:
         return None
     plt = _plt()
-    steps = [r["step"] for r in rows]
-    loss = [r["loss"] for r in rows]
+    steps = [r["step"] for r in train]
+    loss = [r["loss"] for r in train]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(steps, loss, linewidth=1, alpha=0.5 if len(rows) > 50 else 1.0, label="loss")
-    if len(rows) > 50:
-        k = max(2, len(rows) // 50)
+    ax.plot(steps, loss, linewidth=1, alpha=0.5 if len(train) > 50 else 1.0, label="loss")
+    if len(train) > 50:
+        k = max(2, len(train) // 50)
         smooth = [_mean(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
-        ax.plot(steps, smooth, linewidth=1.5, label=f"mean of {k}")
-        ax.legend()
+        ax.plot(steps, smooth, linewidth=1.5, label=f"loss, mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("Training loss", fontsize=10)
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    acc_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.count("/") == 2
+                       and k.endswith("/acc")})
+    if acc_keys:
+        ax2 = ax.twinx()
+        for key, color in zip(acc_keys, ("tab:green", "tab:red", "tab:purple")):
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, linewidth=1,
+                     label=key.replace("eval/", "").replace("/acc", " eval acc"))
+        ax2.set_ylim(-0.05, 1.05)
+        ax2.set_ylabel("eval accuracy")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if len(handles) > 1:
+        ax.legend(handles, labels, fontsize=8)
+    ax.set_title("Training loss" + (" and in-loop eval" if acc_keys else ""), fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

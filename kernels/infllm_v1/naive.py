@@ -244,14 +244,16 @@ def infllm_v1_attn_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_
     k_HTd, v_HTd = k.transpose(0, 1), v.transpose(0, 1)
     outs: List[torch.Tensor] = []
     selections: List[ChunkSelection] = []
-    for start in range(past, T, exc_block_size):
-        end = min(start + exc_block_size, T)
-        out, sel = _attend_chunk(q_HGLd[:, :, start - past:end - past], k_HTd[:, :end], v_HTd[:, :end], memory,
-                                 start, end, inv_freq, attention_scaling, scale, block_size=block_size,
-                                 n_init=n_init, n_local=n_local, topk=topk, repr_topk=repr_topk,
-                                 sink_position=sink_position)
-        outs.append(out)
-        selections.append(sel)
+    # float32 throughout, also under an autocast region (eval.py runs bf16 autocast on GPU).
+    with torch.autocast(q.device.type, enabled=False):
+        for start in range(past, T, exc_block_size):
+            end = min(start + exc_block_size, T)
+            out, sel = _attend_chunk(q_HGLd[:, :, start - past:end - past], k_HTd[:, :end], v_HTd[:, :end],
+                                     memory, start, end, inv_freq, attention_scaling, scale, block_size=block_size,
+                                     n_init=n_init, n_local=n_local, topk=topk, repr_topk=repr_topk,
+                                     sink_position=sink_position)
+            outs.append(out)
+            selections.append(sel)
     out = torch.cat(outs, dim=2).permute(2, 0, 1, 3).reshape(L, Hq, d).to(q.dtype)
     if return_selection:
         return out, memory, selections

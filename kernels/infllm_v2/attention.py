@@ -9,26 +9,31 @@ u // block_size is listed in block_idx[:, t] (-1 = padding). Tokens of documents
 document inside the kernels, so nothing is read back to the host).
 
 Legend: N packed tokens, H_q / H_kv heads, G = H_q / H_kv, d head dim, B block size, K = k_eff (slots of
-block_idx), NT query tiles, NBT key-block tiles, U = tokens_per_tile * K (union slots of a tile).
+block_idx), NT query tiles, NBT key-block tiles, U = union slots of a tile.
 
 Layout of the work
 - Query tile = `tok` neighbouring tokens of one document x the G heads of one KV head: rows r = token * G + head,
-  BLOCK_M = next power of two >= tok * G (>= 16, the smallest tensor-core tile). With G = 16 a tile is one token;
-  with G < 16 it packs 16 // G tokens and walks the UNION of their selected blocks, each row masked to the
-  blocks its own token selected (a per-block membership bitmask), instead of repeating heads up to 16.
-- Forward and dQ: one program per (query tile, KV head), online softmax in base 2, LSE kept for the backward.
-  The dQ kernel also computes delta = rowsum(dO * O) once per row and stores it for the dK/dV kernel.
+  BLOCK_M = next power of two >= tok * G (>= 16, the smallest tensor-core tile). With G >= 16 a tile is one token
+  and walks its own block_idx row. With G < 16 it packs up to 16 tokens (64 rows by default) and walks the UNION
+  of their selected blocks, each row masked to the blocks its own token selected (a per-block membership
+  bitmask), instead of repeating heads up to 16. The unions come from a small Triton kernel (sort of
+  (block, token) keys + a distinct-count scan), ids ascending.
+- Forward and dQ: one program per (query tile, KV head), online softmax in base 2, LSE kept for the backward;
+  K/V blocks arrive through TMA descriptors (TUNING["kv_tma"]). The dQ kernel also computes
+  delta = rowsum(dO * O) once per row and stores it for the dK/dV kernel.
 - dK/dV: one program per (key block, KV head) over the queries that selected the block, read from an inverted
   index (a stable sort of the selections by (head, block), built on the GPU with static sizes), so no program
-  scans queries that did not pick its block, and no atomics are needed.
+  scans queries that did not pick its block, and no atomics are needed. Lists longer than TUNING["dkdv_chunk"]
+  (attention sinks: block 0 is picked by every token) are split: extra chunks write fp32 partials that the
+  block's own program adds before its single store.
 - Dense documents run a second launch of the same kernels in dense mode (every causal block, larger tiles);
   each launch skips the documents of the other mode after one load.
 No host synchronisation: every size used on the host is a Python int (N, n_docs, K, max_seqlen) or shape
 metadata; per-document decisions and loop bounds are loaded from device tensors inside the kernels.
+Measured speed and the reasoning behind the defaults: bench/README.md ("Sparse attention").
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -51,16 +56,17 @@ _LOG2E = 1.4426950408889634
 
 # Launch parameters; the benchmark may override them (names as in the kernels).
 TUNING = {
-    "sparse_rows": 16,       # BLOCK_M of the sparse forward / dQ tile (rows = tokens x G heads)
-    "dense_rows": 64,        # BLOCK_M of the dense-document forward / dQ tile
-    "dkdv_rows": 64,         # query rows per step of the dK/dV loop
-    "dkdv_chunk": 16384,     # queries of one key block handled by one dK/dV program
-    "kv_tma": False,         # K/V blocks of the forward / dQ walks through TMA descriptors
-    # (num_warps, num_stages) per kernel kind and head dim; chosen so that nothing spills (ptxas report).
-    "fwd": {64: (4, 3), 128: (4, 3)},
-    "dq": {64: (4, 3), 128: (4, 2)},
+    "sparse_rows": 16,          # BLOCK_M of the sparse forward / dQ tile (rows = tokens x G heads), G >= 16
+    "sparse_rows_small_g": 64,  # the same for G < 16 (tokens packed over the union of their blocks)
+    "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
+    "dkdv_rows": 128,           # query rows per step of the dK/dV loop
+    "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
+    "kv_tma": True,             # K/V blocks of the forward / dQ walks through TMA descriptors
+    # (num_warps, num_stages) per kernel kind and head dim; nothing spills (ptxas report, sm_90).
+    "fwd": {64: (4, 2), 128: (4, 2)},
+    "dq": {64: (4, 2), 128: (4, 2)},
     "dense": {64: (4, 3), 128: (8, 2)},
-    "dkdv": {64: (4, 3), 128: (8, 2)},
+    "dkdv": {64: (8, 2), 128: (8, 2)},
 }
 
 
@@ -438,19 +444,84 @@ def _tiles(cu_seqlens: torch.Tensor, n_tokens: int, tile: int):
     return tile_doc, tile_start, first
 
 
-def _tile_unions(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, tile_doc, tile_start, tok: int):
-    """Union of the selected blocks of each tile's tokens: ids int32 [H, NT, U] ascending (-1 after the
-    count), membership bits int32 [H, NT, U] (bit i = token i of the tile selected it), count int32 [H, NT]."""
+@triton.jit
+def _distinct_combine(first_a, last_a, count_a, first_b, last_b, count_b):
+    # Scan state of a run of sorted ids: (first id, last id, number of distinct ids).
+    return first_a, last_b, count_a + count_b - (last_a == first_b).to(tl.int32)
+
+
+@triton.jit
+def _union_kernel(
+    IDX, CU, TILE_DOC, TILE_START, UID, UMASK, COUNT,
+    stride_ih, stride_in, n_tiles, n_slots,
+    TOK: tl.constexpr, TOK_P2: tl.constexpr, LOG_TOK: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
+):
+    # Union of the block lists of one tile's tokens (one KV head): ascending ids in UID, in UMASK bit i set
+    # when token i of the tile selected the id, COUNT the union size. UMASK must start at zero.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    doc = tl.load(TILE_DOC + pid)
+    if doc < 0:
+        return
+    tok0 = tl.load(TILE_START + pid)
+    n_tok = tl.minimum(tl.load(CU + doc + 1) - tok0, TOK)
+    t = tl.arange(0, TOK_P2)
+    slots = tl.arange(0, K_P2)
+    ok = (t[:, None] < n_tok) & (slots[None, :] < K)
+    ids = tl.load(IDX + g * stride_ih + (tok0 + t).to(tl.int64)[:, None] * stride_in + slots[None, :],
+                  mask=ok, other=-1)                                          # [TOK_P2, K_P2]
+    big = 2147483647
+    # One sortable key per (token, slot): the id above, the token below.
+    key = tl.where(ids >= 0, (ids << LOG_TOK) | t[:, None], big)
+    key = tl.sort(tl.reshape(key, [TOK_P2 * K_P2]))                           # [TOK_P2 * K_P2]
+    valid = key != big
+    blk = key >> LOG_TOK
+    _, _, n_distinct = tl.associative_scan((blk, blk, tl.full(blk.shape, 1, tl.int32)), 0, _distinct_combine)
+    slot = n_distinct - 1                                                     # union slot of each entry
+    row = (g * n_tiles + pid).to(tl.int64) * n_slots
+    keep = valid & (slot < n_slots)
+    tl.store(UID + row + slot, blk, mask=keep)
+    tl.atomic_or(UMASK + row + slot, (1 << (key & (TOK_P2 - 1))).to(tl.int32), mask=keep, sem="relaxed")
+    tl.store(COUNT + g * n_tiles + pid, tl.minimum(tl.max(tl.where(valid, n_distinct, 0), axis=0), n_slots))
+
+
+def _tile_unions(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, tile_doc, tile_start, tok: int,
+                 max_seqlen: int, block_size: int):
+    """Union of the selected blocks of each tile's tokens: ids int32 [H, NT, U] ascending (unset after the
+    count), membership bits int32 [H, NT, U] (bit i = token i of the tile selected it), count int32 [H, NT].
+    U = min(tok * K, blocks of the longest document) bounds every union."""
     h_kv, n_tokens, k_slots = block_idx.shape
     n_tiles = tile_doc.numel()
+    n_slots = max(1, min(tok * k_slots, triton.cdiv(max_seqlen, block_size)))
+    if _interpreting():
+        # The interpreter runs tl.sort / associative_scan element by element; torch ops give the same tables.
+        return _tile_unions_torch(block_idx, cu_seqlens, tile_doc, tile_start, tok, n_slots)
+    uid = _empty((h_kv, n_tiles, n_slots), dtype=torch.int32, device=block_idx.device)
+    umask = torch.zeros((h_kv, n_tiles, n_slots), dtype=torch.int32, device=block_idx.device)
+    count = torch.zeros((h_kv, n_tiles), dtype=torch.int32, device=block_idx.device)
+    tok_p2 = triton.next_power_of_2(tok)
+    k_p2 = triton.next_power_of_2(max(k_slots, 1))
+    opts = {} if _interpreting() else {"num_warps": 4 if tok_p2 * k_p2 <= 1024 else 8}
+    _union_kernel[(n_tiles, h_kv)](
+        block_idx, cu_seqlens, tile_doc, tile_start, uid, umask, count,
+        block_idx.stride(0), block_idx.stride(1), n_tiles, n_slots,
+        TOK=tok, TOK_P2=tok_p2, LOG_TOK=tok_p2.bit_length() - 1, K=k_slots, K_P2=k_p2, **opts,
+    )
+    return uid, umask, count
+
+
+def _tile_unions_torch(block_idx, cu_seqlens, tile_doc, tile_start, tok: int, n_slots: int):
+    """`_tile_unions` with torch ops (a segmented sort): same tables, used under the interpreter."""
+    h_kv, n_tokens, k_slots = block_idx.shape
+    n_tiles = tile_doc.numel()
+    device = block_idx.device
     big = torch.iinfo(torch.int32).max
-    cu = cu_seqlens.to(torch.int64)
-    doc_end = cu[(tile_doc.to(torch.int64) + 1).clamp(min=0)]
-    tokens = tile_start.to(torch.int64)[:, None] + torch.arange(tok, device=block_idx.device)  # [NT, tok]
+    doc_end = cu_seqlens.to(torch.int64)[(tile_doc.to(torch.int64) + 1).clamp(min=0)]
+    tokens = tile_start.to(torch.int64)[:, None] + torch.arange(tok, device=device)             # [NT, tok]
     tok_ok = (tile_start[:, None] >= 0) & (tokens < doc_end[:, None])
-    ids = block_idx[:, tokens.clamp(0, max(n_tokens - 1, 0))]                                  # [H, NT, tok, K]
+    ids = block_idx[:, tokens.clamp(0, max(n_tokens - 1, 0))]                                   # [H, NT, tok, K]
     ids = torch.where(tok_ok[None, :, :, None] & (ids >= 0), ids, big).reshape(h_kv, n_tiles, tok * k_slots)
-    bits = (1 << torch.arange(tok, device=ids.device, dtype=torch.int32))[:, None].expand(tok, k_slots)
+    bits = (1 << torch.arange(tok, device=device, dtype=torch.int32))[:, None].expand(tok, k_slots)
     bits = bits.reshape(1, 1, tok * k_slots).expand(h_kv, n_tiles, -1)
     ids_sorted, order = ids.sort(dim=-1)
     bits_sorted = bits.gather(-1, order)
@@ -458,15 +529,15 @@ def _tile_unions(block_idx: torch.Tensor, cu_seqlens: torch.Tensor, tile_doc, ti
     first[..., 1:] = ids_sorted[..., 1:] != ids_sorted[..., :-1]
     valid = ids_sorted != big
     first &= valid
-    n_slots = tok * k_slots
-    # Every entry goes to its id's slot in the union (ids equal within a slot); padding to a spare column.
-    slot = torch.where(valid, torch.cumsum(first.to(torch.int32), -1) - 1, n_slots).to(torch.int64)
-    uid = torch.full((h_kv, n_tiles, n_slots + 1), -1, dtype=torch.int32, device=ids.device)
+    slot = torch.cumsum(first.to(torch.int32), -1) - 1
+    # Entries go to their id's union slot (equal ids share it); padding and overflow to a spare column.
+    slot = torch.where(valid & (slot < n_slots), slot, n_slots).to(torch.int64)
+    uid = torch.full((h_kv, n_tiles, n_slots + 1), -1, dtype=torch.int32, device=device)
     uid.scatter_(-1, slot, ids_sorted)
-    umask = torch.zeros((h_kv, n_tiles, n_slots + 1), dtype=torch.int32, device=ids.device)
+    umask = torch.zeros((h_kv, n_tiles, n_slots + 1), dtype=torch.int32, device=device)
     # Each token lists a block at most once, so the sum of distinct bits is their OR.
     umask.scatter_add_(-1, slot, bits_sorted)
-    count = first.sum(-1).to(torch.int32)
+    count = first.sum(-1).clamp(max=n_slots).to(torch.int32)
     return uid[..., :n_slots].contiguous(), umask[..., :n_slots].contiguous(), count.contiguous()
 
 
@@ -527,7 +598,11 @@ def _check_kernel_shapes(head_dim: int, block_size: int) -> None:
 
 
 def _sparse_plan(group: int):
-    rows, tok = _tile_rows(group, TUNING["sparse_rows"])
+    """(BLOCK_M, tokens per tile, mode) of the sparse query walk. One token of G >= 16 heads fills a tile; smaller
+    groups pack up to 16 tokens (membership bits and the union sort stay small) over the union of their blocks."""
+    target = TUNING["sparse_rows"] if group >= 16 else TUNING["sparse_rows_small_g"]
+    tok = max(1, min(target // group, 16))
+    rows = max(16, triton.next_power_of_2(tok * group))
     return rows, tok, (0 if tok == 1 else 1)
 
 
@@ -539,7 +614,7 @@ def _launch_opts(kind: str, head_dim: int) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
+def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len):
     """The (mode, rows, tokens per tile, tile tables, block lists) of each query-side launch."""
     walks = []
     rows, tok, mode = _sparse_plan(group)
@@ -547,7 +622,7 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, group, dense_len):
     if mode == 0:
         lists = (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1))
     else:
-        uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok)
+        uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size)
         lists = (uid, umask, count), (uid.stride(0), uid.stride(1))
     walks.append((mode, rows, tok, tile_doc, tile_start, lists, "fwd"))
     if dense_len > 0:
@@ -580,7 +655,8 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
         return out, lse
     prec = _dot_precision(q.dtype)
     for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
-                                                                           group, dense_len):
+                                                                           max_seqlen, block_size, group,
+                                                                           dense_len):
         n_tiles = tile_doc.numel()
         _fwd_kernel[(n_tiles, h_kv)](
             q, k, v, out, lse, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
@@ -607,7 +683,8 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     prec = _dot_precision(q.dtype)
     delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
     for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
-                                                                           group, dense_len):
+                                                                           max_seqlen, block_size, group,
+                                                                           dense_len):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
             q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],

@@ -11,6 +11,7 @@ Index conventions: token t, kernel j, block b are 0-based and relative to the do
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.infllm_v2._validate import (
     SparseConfig,
@@ -208,6 +209,15 @@ def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, bl
             # Keys after the chunk's last token are masked for every row of it: leave them out.
             u_U = torch.arange(t1, device=device)
             mask_TU = allowed_HTB[g, t0:t1][:, block_of_u[:t1]] & (u_U[None, :] <= t_T[:, None])
+            if bool(mask_TU.any(dim=-1).all()):
+                # The same masked softmax through SDPA's fused CPU/GPU kernels (much faster, also in the
+                # backward); the explicit form below is kept for rows with no allowed key.
+                k_GUD = k_UD[:t1].expand(group, t1, k_UD.shape[-1])
+                v_GUD = v_UD[:t1].expand(group, t1, v_UD.shape[-1])
+                out_GTD = F.scaled_dot_product_attention(q_GTD[None], k_GUD[None], v_GUD[None],
+                                                         attn_mask=mask_TU, scale=scale)[0]
+                chunks.append(out_GTD.transpose(0, 1))
+                continue
             logits_GTU = (scale * q_GTD @ k_UD[:t1].T).masked_fill(~mask_TU, float("-inf"))
             # Softmax that leaves fully masked rows at zero instead of NaN.
             row_max_GT1 = logits_GTU.amax(dim=-1, keepdim=True).detach()

@@ -25,8 +25,15 @@ KPB = B // s kernels per block (by first block), NBI = BLOCK_N // KPB blocks per
 Requires: kernel_size <= block_size, block_size % kernel_stride == 0, kernel_size % kernel_stride == 0,
 block_size // kernel_stride a power of two (all hold for MiniCPM4's 64 / 32 / 16).
 Precision: scores are ranked on their top 32 - ID_BITS bits (ID_BITS = bits of the largest block id: 11 at
-128k tokens, i.e. 12 mantissa bits, finer than bf16); p is summed over heads in fp16 (fp32 for fp32 inputs),
-clamped at 65504.
+128k tokens, i.e. 12 mantissa bits, finer than bf16); ties (common: neighbouring blocks share a kernel) go to
+the lower block id; p is summed over heads in fp16 (fp32 for fp32 inputs), clamped at 65504, which only
+matters when lse_approx underestimates a normaliser by more than e^11.
+Memory: the compressed keys (N / s + N / 4s rows of d) and the int32 output; nothing of size N x NB.
+Speed (H100, bench/README.md "Selection"): 10 / 20 / 39 ms at MiniCPM4's 32k x 8 / 64k x 4 / 128k x 2.
+Known slack: the compiler if-converts the merge below, so the sort runs on every step instead of every SUBS-th.
+A variant without that (a nested loop per chunk, pass 1 as [M, BLOCK_N] tiles, the visibility mask on the
+head-summed tile) halved the instructions per step but measured the same for G = 16 and 2x slower for G = 3 / 4
+on the H100 (not profiled yet), so this measured form stays.
 """
 from __future__ import annotations
 
@@ -46,7 +53,6 @@ from kernels.infllm_v2._validate import (
 )
 
 _LOG2E = 1.4426950408889634
-_INT32_MAX = 2**31 - 1
 
 
 def _interpreting() -> bool:
@@ -129,7 +135,7 @@ def _row_lse2(qT, kc_base, n_vis, t_r, qk_scale,
               KSIZE: tl.constexpr, KSTRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_N: tl.constexpr, M: tl.constexpr, DOT_PREC: tl.constexpr):
     """log2 of sum_j exp2(qk_scale * q_r . Kc[j]) over the kernels j < n_vis visible to row r's token t_r.
-    [M] fp32, -inf for rows that see no kernel."""
+    [M] fp32, -inf for rows that see no kernel. Same [BLOCK_N, M] orientation as pass 2."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)           # [M] running max
@@ -138,7 +144,7 @@ def _row_lse2(qT, kc_base, n_vis, t_r, qk_scale,
         offs_j = j0 + offs_n
         kc = tl.load(kc_base + offs_j[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=(offs_j < n_vis)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(kc, qT, input_precision=DOT_PREC) * qk_scale                                   # [BLOCK_N, M]
+        s = tl.dot(kc, qT, input_precision=DOT_PREC) * qk_scale                                  # [BLOCK_N, M]
         visible = (offs_j[:, None] * KSTRIDE + (KSIZE - 1)) <= t_r[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 0, tl.standard._elementwise_max))
@@ -239,8 +245,8 @@ def _select_kernel(q_ptr, kc_ptr, kc2_ptr, cu_ptr, out_ptr,
         stream_end = c_last - N_LOCAL                      # no token of the tile scores a block >= this
         n_steps = tl.where(stream_end > INIT, tl.cdiv(stream_end, NBI), 0)
         state = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)   # [BLOCK_T, K_SEL] keys, descending
-        buf = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)     # [BLOCK_T, K_SEL] keys of the last SUBS steps
         carry = tl.zeros([BLOCK_T], dtype=tl.float32)           # tail of the block before the step
+        buf = tl.full([BLOCK_T, K_SEL], -1, dtype=tl.int32)     # [BLOCK_T, K_SEL] keys of the last SUBS steps
         for step in range(0, n_steps):
             b0 = step * NBI
             offs_j = b0 * KPB + offs_n
@@ -292,7 +298,7 @@ def _select_kernel(q_ptr, kc_ptr, kc2_ptr, cu_ptr, out_ptr,
     n_loc = tl.where(c_tok >= INIT, c_tok - lo_loc + 1, 0)
     need = K_EFF - n_init - n_loc
     take = (offs_k[None, :] < need[:, None]) & (state >= 0)                              # [BLOCK_T, K_SEL]
-    ids = tl.where(take, ID_MASK - (state & ID_MASK), 2147483647)
+    ids = tl.where(take, ID_MASK - (state & ID_MASK), 2147483647)                     # INT32_MAX sorts last
     ids = _bitonic_rows(ids, LOG_KSEL, N_DIMS, 1, 0)                                           # ascending
     n_sel = tl.reduce(take.to(tl.int32), 1, tl.standard._sum_combine)
     out_row = out_ptr + g * out_stride_h + (start + t_tok).to(tl.int64) * K_EFF          # [BLOCK_T]
@@ -425,7 +431,8 @@ def _select(q, k, cu_seqlens, max_seqlen, *, block_size, kernel_size, kernel_str
         INIT=init_blocks, N_LOCAL=cfg.n_local, K_EFF=k_eff,
         K_SEL=k_sel, K_INIT=_next_pow2(max(1, init_blocks)), K_LOCAL=_next_pow2(cfg.n_local + 1),
         K_OUT=_next_pow2(k_eff), ID_BITS=id_bits,
-        LOG_T=config.block_t.bit_length() - 1, LOG_KSEL=k_sel.bit_length() - 1, LSE_APPROX=bool(lse_approx), P_FP16=not is_fp32,
+        LOG_T=config.block_t.bit_length() - 1, LOG_KSEL=k_sel.bit_length() - 1,
+        LSE_APPROX=bool(lse_approx), P_FP16=not is_fp32,
         DOT_PREC="ieee" if is_fp32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -31,7 +31,8 @@ def _is_png(path):
 
 def test_report_files_and_metrics(tokenizer, tiny_llama, tmp_path):
     metrics_jsonl = tmp_path / "metrics.jsonl"
-    metrics_jsonl.write_text("".join(json.dumps({"step": i, "loss": 5.0 / (1 + i)}) + "\n" for i in range(60)))
+    rows = [{"step": i, "loss": 5.0 / (1 + i)} for i in range(60)] + [{"step": 50, "eval/dense/acc": 0.5}]
+    metrics_jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tiny_llama.train()
     out = tmp_path / "eval"
     metrics = run_suite(tiny_llama, tokenizer, _small_cfg(), str(out), modes=["dense", "sparse"], step=7,

@@ -226,8 +226,35 @@ def test_no_host_sync():
     torch.cuda.synchronize()
 
 
-def test_kv_through_tensor_descriptors(nan_poison, monkeypatch):
-    """The TMA variant of the forward / dQ block walks (K/V rows past a document end come from the next
-    document and must be masked), with dense and sparse documents and G = 4 token packing."""
-    monkeypatch.setitem(attn.TUNING, "kv_tma", True)
+def test_kv_through_pointer_tiles(nan_poison, monkeypatch):
+    """The pointer-tile variant of the forward / dQ block walks (the default reads K/V through TMA
+    descriptors), with dense and sparse documents, G = 4 token packing and 16-row tiles."""
+    monkeypatch.setitem(attn.TUNING, "kv_tma", False)
+    monkeypatch.setitem(attn.TUNING, "sparse_rows_small_g", 16)
     _run_case(([61, 9, 30], 8, 2, 64, 16, 3, 20), torch.float32, seed=2)
+
+
+@pytest.mark.parametrize("tok", [4, 5, 16])
+def test_union_kernel_matches_torch_tables(tok):
+    """The Triton union kernel (used on the GPU; the interpreter path uses the torch tables) against the torch
+    construction: same ascending ids, membership bits and counts for every tile."""
+    lens, h_kv, block_size, k_slots = [70, 5, 33], 2, 16, 4
+    gen = torch.Generator().manual_seed(7)
+    block_idx = random_selection(h_kv, lens, block_size, k_slots, gen)
+    cu = _cu(lens)
+    n = sum(lens)
+    tile_doc, tile_start, _ = attn._tiles(cu, n, tok)
+    n_slots = min(tok * k_slots, -(-max(lens) // block_size))
+    uid = torch.full((h_kv, tile_doc.numel(), n_slots), -1, dtype=torch.int32, device=DEVICE)
+    umask = torch.zeros_like(uid)
+    count = torch.zeros((h_kv, tile_doc.numel()), dtype=torch.int32, device=DEVICE)
+    tok_p2 = 1 << (tok - 1).bit_length()
+    attn._union_kernel[(tile_doc.numel(), h_kv)](
+        block_idx, cu, tile_doc, tile_start, uid, umask, count, block_idx.stride(0), block_idx.stride(1),
+        tile_doc.numel(), n_slots, TOK=tok, TOK_P2=tok_p2, LOG_TOK=tok_p2.bit_length() - 1, K=k_slots,
+        K_P2=k_slots)
+    ref_uid, ref_umask, ref_count = attn._tile_unions_torch(block_idx, cu, tile_doc, tile_start, tok, n_slots)
+    assert torch.equal(count, ref_count)
+    used = torch.arange(n_slots, device=DEVICE)[None, None, :] < count[..., None]
+    assert torch.equal(torch.where(used, uid, -1), torch.where(used, ref_uid, -1))
+    assert torch.equal(torch.where(used, umask, 0), torch.where(used, ref_umask, 0))

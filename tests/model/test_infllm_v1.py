@@ -293,6 +293,8 @@ def test_unsupported_inputs_and_models_are_refused():
         model(torch.cat([tokens(10), tokens(10, seed=1)]))
     with torch.no_grad(), pytest.raises(ValueError, match="positions"):
         model(tokens(10), position_ids=torch.arange(5, 15)[None])
+    with torch.no_grad(), pytest.raises(ValueError, match="DynamicCache"):
+        model.generate(tokens(10), max_new_tokens=2, do_sample=False, cache_implementation="static")
     with pytest.raises(ConfigError, match="sliding_window"):
         v1_model(make_model("mistral-G2-D16", sliding_window=64), n_local=32)
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,

@@ -1,9 +1,9 @@
 """Benchmark of InfLLM-V2 block selection alone (kernels/infllm_v2/select.py): median ms and peak extra memory.
 
-    python3 bench/select.py                        # every case (H100: about a minute, compiles included)
-    python3 bench/select.py --cases minicpm4-128kx2 --out select.json
-    python3 bench/select.py --sweep minicpm4-32kx8  # also time a few launch configs on that case
-    python3 bench/select.py --smoke                # tiny shapes under the Triton interpreter (CPU)
+    python3 bench/selection.py                        # every case (H100: about a minute, compiles included)
+    python3 bench/selection.py --cases minicpm4-128kx2 --out select.json
+    python3 bench/selection.py --sweep minicpm4-32kx8  # also time a few launch configs on that case
+    python3 bench/selection.py --smoke                # tiny shapes under the Triton interpreter (CPU)
 
 Cases: MiniCPM4 shape (H_q 32, H_kv 2, d 128) at 32k x 8, 64k x 4, 128k x 2 documents (the public kernels'
 batches); Llama-3 (32 / 8, d 128) and SmolLM2 (9 / 3, d 64) at 32k x 8 and 64k x 4. bf16, random inputs (q
