@@ -357,7 +357,7 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers' attention-function signature; returns ([B, L, H_q, d], None)."""
     from kernels import infllm_v2_attn_varlen, infllm_v2_select
-    from kernels.dense import dense_attn_varlen
+    from kernels.dense import dense_attn_varlen, sdpa_causal
 
     rt = _runtime_of(module)
     _refuse_runtime_features(module, dropout, is_causal, kwargs)
@@ -400,8 +400,7 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
     if mode == "dense":
         if one_per_row:
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                 enable_gqa=Hq != key.shape[1])
+            out = sdpa_causal(query, key, value, scaling if scaling is not None else d ** -0.5)
             return out.transpose(1, 2), None
         out = dense_attn_varlen(_to_varlen(query), _to_varlen(key), _to_varlen(value), cu, max_seqlen,
                                 softmax_scale=scaling, backend=_DENSE_BACKENDS[cfg.dense_backend])

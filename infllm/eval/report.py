@@ -100,7 +100,7 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
             for m in modes:
                 if (m, t) not in val:
                     continue
-                cells = " | ".join(f"{_pct(val.get((m, t, n)))} / {lp.get((m, t, n), float('nan')):.2f}"
+                cells = " | ".join(f"{_pct(val[(m, t, n)])} / {lp[(m, t, n)]:.2f}" if (m, t, n) in val else "-"
                                    for n in task_lengths)
                 lines.append(f"| {t} | {m} | {cells} |")
         if any("gen_exact" in r for r in records):

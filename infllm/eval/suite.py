@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import platform
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +53,26 @@ def build_samples(tokenizer, eval_cfg: EvalConfig, data_cfg=None) -> List[Sample
                                     eval_cfg.samples, eval_cfg.seed, pool, eval_cfg.haystack,
                                     eval_cfg.task_params.get(task))
     return samples
+
+
+# The trainer calls run_suite every N steps with the same config: build the samples and documents once.
+_INPUTS_CACHE: Dict[str, Tuple[List[Sample], List[List[int]], int]] = {}
+
+
+def _inputs(tokenizer, eval_cfg: EvalConfig, data_cfg) -> Tuple[List[Sample], List[List[int]], int]:
+    fields = ("tasks", "lengths", "depths", "samples", "seed", "haystack", "task_params", "corpus", "perplexity",
+              "ppl_docs", "ppl_length")
+    key = json.dumps([id(tokenizer), repr(data_cfg)] + [getattr(eval_cfg, f) for f in fields], default=str)
+    if key not in _INPUTS_CACHE:
+        samples = build_samples(tokenizer, eval_cfg, data_cfg) if eval_cfg.tasks else []
+        docs, heldout = [], 0
+        if eval_cfg.perplexity:
+            n = eval_cfg.resolved_ppl_length
+            docs, heldout = heldout_documents(data_cfg, tokenizer, n, eval_cfg.ppl_docs)
+            docs = [d[:n] for d in docs]
+        _INPUTS_CACHE.clear()
+        _INPUTS_CACHE[key] = (samples, docs, heldout)
+    return _INPUTS_CACHE[key]
 
 
 def _record(sample: Sample, mode: str) -> Dict[str, Any]:
@@ -101,12 +122,7 @@ def run_suite(model, tokenizer, eval_cfg: EvalConfig, out_dir: str, modes: Optio
     ppl: Dict[str, Dict] = {}
     skipped: List[str] = []
     try:
-        samples = build_samples(tokenizer, eval_cfg, data_cfg) if eval_cfg.tasks else []
-        ppl_docs, ppl_heldout = [], 0
-        if eval_cfg.perplexity:
-            n = eval_cfg.resolved_ppl_length
-            ppl_docs, ppl_heldout = heldout_documents(data_cfg, tokenizer, n, eval_cfg.ppl_docs)
-            ppl_docs = [d[:n] for d in ppl_docs]
+        samples, ppl_docs, ppl_heldout = _inputs(tokenizer, eval_cfg, data_cfg)
         log.info("eval: %d samples, %d perplexity doc(s), modes %s", len(samples), len(ppl_docs), modes)
         for mode in modes:
             ctx = mode_context(model, mode)
