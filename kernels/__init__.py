@@ -118,7 +118,7 @@ def infllm_v2_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, block_size=64, ker
         return infllm_v2_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, dense_len=dense_len,
                                            softmax_scale=softmax_scale, **kwargs)
     n, _, _, d = check_qkv(q, k, v)
-    check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
+    sparse_cfg = check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
     check_dense_len(dense_len)
     check_cu_seqlens(cu_seqlens, q.device)
     check_max_seqlen(max_seqlen)
@@ -133,5 +133,8 @@ def infllm_v2_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, block_size=64, ker
     # step, SmolLM2 shape at 32k.)
     with torch.no_grad():
         block_idx = select_triton(q.detach(), k.detach(), cu_seqlens, max_seqlen, softmax_scale=scale, **kwargs)
+    # Contract step 9: a document of T <= k_eff * B tokens selects every block 0..c for every token, so its sparse
+    # output is dense attention already; only k_eff * B < T < dense_len needs the dense launch (the sparse one is
+    # faster). dense_min is a Python int, so this costs no host sync.
     return attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size=block_size, softmax_scale=scale,
-                       dense_len=dense_len)
+                       dense_len=dense_len, dense_min=sparse_cfg.k_eff * block_size)

@@ -1,12 +1,13 @@
 """Triton block-sparse attention for InfLLM-V2 (step 8 of ../../shared/infllm_v2.md), forward and backward.
 
     out = block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block_size=64,
-                                   softmax_scale=None, dense_len=-1)
+                                   softmax_scale=None, dense_len=-1, dense_min=0)
 
 Same math as `naive.block_sparse_attn_naive`: token t attends the keys u <= t of its document whose block
 u // block_size is listed in block_idx[:, t] (-1 = padding). Tokens of documents shorter than `dense_len`
-(when dense_len != -1) attend every earlier key of their document instead (the dense/sparse switch, decided per
-document inside the kernels, so nothing is read back to the host).
+(when dense_len != -1) and longer than `dense_min` attend every earlier key of their document instead (the
+dense/sparse switch, decided per document inside the kernels, so nothing is read back to the host; dense_min lets
+documents whose selection already lists every block stay on the sparse launch).
 
 Legend: N packed tokens, H_q / H_kv heads, G = H_q / H_kv, d head dim, B block size, K = k_eff (slots of
 block_idx), NT query tiles, NBT key-block tiles, U = union slots of a tile.
@@ -95,7 +96,7 @@ def _fwd_kernel(
     CU, TILE_DOC, TILE_START,
     LIST, MASKS, COUNT,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, dense_len,
+    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, dense_len, dense_min,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     KV_TMA: tl.constexpr,
@@ -110,7 +111,7 @@ def _fwd_kernel(
         return
     doc_start = tl.load(CU + doc)
     doc_len = tl.load(CU + doc + 1) - doc_start
-    is_dense = doc_len < dense_len
+    is_dense = (doc_len < dense_len) & (doc_len > dense_min)
     if MODE == 2:
         if not is_dense:
             return
@@ -201,7 +202,7 @@ def _dq_kernel(
     LIST, MASKS, COUNT,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_don, stride_doh, stride_dqn, stride_dqh,
-    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, sm_scale, dense_len,
+    list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, sm_scale, dense_len, dense_min,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     KV_TMA: tl.constexpr,
@@ -214,7 +215,7 @@ def _dq_kernel(
         return
     doc_start = tl.load(CU + doc)
     doc_len = tl.load(CU + doc + 1) - doc_start
-    is_dense = doc_len < dense_len
+    is_dense = (doc_len < dense_len) & (doc_len > dense_min)
     if MODE == 2:
         if not is_dense:
             return
@@ -343,7 +344,7 @@ def _dkdv_kernel(
     EX_KEY, EX_LO, EX_FIRST, DK_PART, DV_PART,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-    n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len, chunk,
+    n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len, dense_min, chunk,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     PHASE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -368,7 +369,7 @@ def _dkdv_kernel(
         return
     doc_start = tl.load(CU + doc)
     doc_end = tl.load(CU + doc + 1)
-    is_dense = doc_end - doc_start < dense_len
+    is_dense = (doc_end - doc_start < dense_len) & (doc_end - doc_start > dense_min)
     if PHASE == 0:
         if not is_dense:
             return
@@ -614,7 +615,13 @@ def _launch_opts(kind: str, head_dim: int) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len):
+def _any_dense(dense_len: int, dense_min: int, max_seqlen: int) -> bool:
+    """Whether some document length T in [1, max_seqlen] can satisfy dense_min < T < dense_len (Python ints
+    only: when none can, the dense launches are skipped)."""
+    return dense_len > 0 and max(dense_min, 0) + 1 < min(dense_len, max_seqlen + 1)
+
+
+def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
     """The (mode, rows, tokens per tile, tile tables, block lists) of each query-side launch."""
     walks = []
     rows, tok, mode = _sparse_plan(group)
@@ -625,7 +632,7 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group,
         uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size)
         lists = (uid, umask, count), (uid.stride(0), uid.stride(1))
     walks.append((mode, rows, tok, tile_doc, tile_start, lists, "fwd"))
-    if dense_len > 0:
+    if _any_dense(dense_len, dense_min, max_seqlen):
         rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
         doc_d, start_d, _ = _tiles(cu_seqlens, n_tokens, tok_d)
         walks.append((2, rows_d, tok_d, doc_d, start_d, ((tile_doc, tile_doc, tile_doc), (0, 0)), "dense"))
@@ -644,7 +651,7 @@ def _kv_descs(k, v, block_size):
             TensorDescriptor.from_tensor(v.view(n, h_kv * d), [block_size, d]))
 
 
-def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min):
     n_tokens, h_q, d = q.shape
     h_kv = k.shape[1]
     group = h_q // h_kv
@@ -656,12 +663,12 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
     prec = _dot_precision(q.dtype)
     for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
                                                                            max_seqlen, block_size, group,
-                                                                           dense_len):
+                                                                           dense_len, dense_min):
         n_tiles = tile_doc.numel()
         _fwd_kernel[(n_tiles, h_kv)](
             q, k, v, out, lse, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len,
+            out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len, dense_min,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
             KV_TMA=TUNING["kv_tma"], **_launch_opts(kind if kind == "dense" else "fwd", d),
@@ -669,7 +676,7 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min):
     n_tokens, h_q, d = q.shape
     h_kv = k.shape[1]
     group = h_q // h_kv
@@ -684,13 +691,13 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
     for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
                                                                            max_seqlen, block_size, group,
-                                                                           dense_len):
+                                                                           dense_len, dense_min):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
             q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len,
+            *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len, dense_min,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
             KV_TMA=TUNING["kv_tma"], **_launch_opts("dense" if kind == "dense" else "dq", d),
@@ -705,7 +712,7 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     dv_part = _empty_like(dk_part)
     rows, tok = _tile_rows(group, TUNING["dkdv_rows"])
     phases = [(2, (n_items, 1)), (1, (n_blk_tiles, h_kv))]
-    if dense_len > 0:
+    if _any_dense(dense_len, dense_min, max_seqlen):
         phases.append((0, (n_blk_tiles, h_kv)))
     for phase, grid in phases:
         _dkdv_kernel[grid](
@@ -713,7 +720,7 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
             ex_key, ex_lo, ex_first, dk_part, dv_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len, chunk,
+            n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len, dense_min, chunk,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, PHASE=phase, DOT_PREC=prec,
             **_launch_opts("dkdv", d),
         )
@@ -727,54 +734,59 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
 @torch.library.custom_op("infllm::block_sparse_attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                  cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int, scale: float,
-                 dense_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len)
+                 dense_len: int, dense_min: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+def _(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("infllm::block_sparse_attn_bwd", mutates_args=())
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, block_idx: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 block_size: int, scale: float, dense_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len)
+                 block_size: int, scale: float, dense_len: int,
+                 dense_min: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len,
+                     dense_min)
 
 
 @_attn_bwd_op.register_fake
-def _(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len):
+def _(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len = inputs
+    q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dense_len, dense_min = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, block_idx, cu_seqlens)
-    ctx.params = (max_seqlen, block_size, scale, dense_len)
+    ctx.params = (max_seqlen, block_size, scale, dense_len, dense_min)
     ctx.mark_non_differentiable(lse)
 
 
 def _attn_backward(ctx, d_out, d_lse):
     q, k, v, out, lse, block_idx, cu_seqlens = ctx.saved_tensors
-    max_seqlen, block_size, scale, dense_len = ctx.params
+    max_seqlen, block_size, scale, dense_len, dense_min = ctx.params
     dq, dk, dv = _attn_bwd_op(d_out, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_size, scale,
-                              dense_len)
-    return dq, dk, dv, None, None, None, None, None, None
+                              dense_len, dense_min)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_setup_context)
 
 
 def block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block_size=64, softmax_scale=None,
-                             dense_len=-1):
+                             dense_len=-1, dense_min=0):
     """Block-sparse attention over the given blocks, Triton forward and backward (see the module docstring).
 
     q [N, H_q, d], k, v [N, H_kv, d] (fp16 / bf16 / fp32, d a power of two in [16, 256]); block_idx int32
     [H_kv, N, K]: per token its selected block ids relative to its document start, each at most once, -1 =
     padding; cu_seqlens int32 [n_docs + 1]; max_seqlen a Python int; block_size a power of two in [16, 128].
-    Documents shorter than dense_len (when != -1) attend causally to all their blocks and ignore block_idx.
+    Documents shorter than dense_len (when != -1) and longer than dense_min attend causally to all their blocks
+    and ignore block_idx; the others use block_idx. dense_min (default 0: every document under dense_len) lets a
+    caller whose block_idx already lists every block 0..c for short documents (InfLLM-V2 with T <= k_eff * B,
+    contract step 9) keep those documents on the faster sparse launch.
     Returns [N, H_q, d] in q's dtype, differentiable in q, k, v. Reads nothing back to the host."""
     n, _, h_kv, d = check_qkv(q, k, v)
     check_block_size(block_size)
@@ -782,10 +794,13 @@ def block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, bloc
     check_max_seqlen(max_seqlen)
     check_block_idx(block_idx, h_kv, n, q.device)
     check_dense_len(dense_len)
+    if isinstance(dense_min, bool) or not isinstance(dense_min, int) or dense_min < 0:
+        raise ValueError(f"dense_min: must be an int >= 0, got {dense_min!r}")
     _check_kernel_shapes(d, block_size)
     if q.dtype == torch.float64:
         raise TypeError("q: the Triton kernel takes float16 / bfloat16 / float32, got float64")
     scale = resolve_softmax_scale(softmax_scale, d)
     out, _ = _attn_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), block_idx.contiguous(),
-                          cu_seqlens.contiguous(), max_seqlen, block_size, float(scale), dense_len)
+                          cu_seqlens.contiguous(), max_seqlen, block_size, float(scale), dense_len,
+                          dense_min)
     return out

@@ -54,15 +54,15 @@ def _inputs(lens, h_q, h_kv, d, gen):
     }
 
 
-def _reference(q, k, v, *, block_idx, cu_seqlens, block_size, dense_len):
-    """The oracle; tokens of documents shorter than dense_len list every block (dense causal attention)."""
+def _reference(q, k, v, *, block_idx, cu_seqlens, block_size, dense_len, dense_min=0):
+    """The oracle; tokens of documents with dense_min < T < dense_len list every block (dense causal attention)."""
     if dense_len > 0:
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
         h_kv, n, k_slots = block_idx.shape
         width = max(k_slots, -(-int(lens.max()) // block_size))
         wide = torch.full((h_kv, n, width), -1, dtype=torch.int32)
         wide[..., :k_slots] = block_idx.cpu()
-        dense_tok = torch.repeat_interleave(lens < dense_len, lens)
+        dense_tok = torch.repeat_interleave((lens < dense_len) & (lens > dense_min), lens)
         wide[:, dense_tok] = torch.arange(width, dtype=torch.int32)
         block_idx = wide
     return masked_dense_attention(q, k, v, block_idx, cu_seqlens, block_size)
@@ -174,6 +174,40 @@ def test_dense_documents_ignore_block_idx(nan_poison):
                                block_size=block_size, dense_len=64)
     reference = functools.partial(masked_dense_attention, block_idx=None, cu_seqlens=cu, block_size=block_size)
     check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dense_min", [0, 40, 48, 100])
+def test_dense_min_keeps_short_documents_sparse(dense_min, nan_poison):
+    """dense_min < T < dense_len is dense; T <= dense_min follows block_idx (random, so a wrongly dense
+    document fails). Lengths straddle the bounds: 48 = dense_min, 49 just above, 47 below."""
+    lens, h_q, h_kv, d, block_size, k_slots, dense_len = [47, 48, 49, 100, 101, 20], 6, 2, 64, 16, 2, 101
+    gen = torch.Generator().manual_seed(8)
+    cu = _cu(lens)
+    block_idx = random_selection(h_kv, lens, block_size, k_slots, gen)
+    inputs = _inputs(lens, h_q, h_kv, d, gen)
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
+                               block_size=block_size, dense_len=dense_len, dense_min=dense_min)
+    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
+                                  dense_len=dense_len, dense_min=dense_min)
+    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
+def test_dense_launch_skipped_when_no_length_qualifies():
+    """Python-int pruning of the dense launches: none when no T in [1, max_seqlen] has dense_min < T < dense_len."""
+    assert not attn._any_dense(-1, 0, 10**6)
+    assert not attn._any_dense(100, 99, 10**6)       # no integer strictly between
+    assert attn._any_dense(100, 98, 10**6)            # T = 99
+    assert not attn._any_dense(8192, 6144, 6144)      # every document short enough to stay sparse
+    assert attn._any_dense(8192, 6144, 6145)
+    assert attn._any_dense(8192, 0, 1)
+
+
+def test_rejects_bad_dense_min():
+    q = torch.randn(8, 2, 64, device=DEVICE)
+    k = torch.randn(8, 1, 64, device=DEVICE)
+    idx = torch.zeros((1, 8, 1), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="dense_min"):
+        block_sparse_attn_triton(q, k, k, idx, _cu([8]), 8, block_size=16, dense_len=4, dense_min=-1)
 
 
 def test_custom_op_traces_under_compile():

@@ -38,3 +38,45 @@ def test_triton_attn_varlen_matches_reference(lengths, hq, hkv, d, dense_len):
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
     for got, want in ((dq, rq), (dk, rk), (dv, rv)):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dense_len", [10**6, 81])
+def test_short_documents_stay_sparse_at_the_k_eff_boundary(dense_len, monkeypatch):
+    """Documents of exactly k_eff * B tokens (80 here) take the sparse launch and still equal dense causal
+    attention (they select every block); one token more (81) is dense when below dense_len and sparse on its
+    selection otherwise. Checked against the reference, and the boundary document through block_sparse_attn."""
+    import kernels.infllm_v2.attention as attn
+
+    seen = []
+    real = attn.block_sparse_attn_triton
+    monkeypatch.setattr(attn, "block_sparse_attn_triton", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    k_eff_b = (CFG["topk"] + CFG["window_size"] // CFG["block_size"]) * CFG["block_size"]   # 80
+    lengths, hq, hkv, d = [k_eff_b, k_eff_b + 1, 30], 6, 2, 64
+    torch.manual_seed(3)
+    n = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q = torch.randn(n, hq, d, device=DEVICE, requires_grad=True)
+    k = torch.randn(n, hkv, d, device=DEVICE, requires_grad=True)
+    v = torch.randn(n, hkv, d, device=DEVICE, requires_grad=True)
+    grad = torch.randn(n, hq, d, device=DEVICE)
+
+    out = infllm_v2_attn_varlen(q, k, v, cu, max(lengths), dense_len=dense_len, impl="triton", **CFG)
+    assert seen and seen[-1]["dense_min"] == k_eff_b
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+
+    idx = infllm_v2_select(q.detach(), k.detach(), cu, max(lengths), impl="triton", **CFG)
+    ref_sparse = block_sparse_attn_varlen(q, k, v, idx, cu, max(lengths), block_size=CFG["block_size"],
+                                          impl="naive")
+    ref_dense = infllm_v2_attn_varlen_naive(q, k, v, cu, max(lengths), dense_len=10**9, **CFG)
+    # The contract's reference: every document below dense_len dense (k_eff * B itself included).
+    is_dense = torch.cat([torch.full((t,), t < dense_len) for t in lengths]).to(DEVICE)
+    ref = torch.where(is_dense[:, None, None], ref_dense, ref_sparse)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    for got, want in ((dq, rq), (dk, rk), (dv, rv)):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    # The sparse selection of the k_eff * B document lists every block 0..c for every token.
+    first = idx[:, :k_eff_b]
+    c = torch.arange(k_eff_b, device=DEVICE) // CFG["block_size"]
+    n_listed = (first >= 0).sum(-1)
+    assert torch.equal(n_listed, (c + 1).expand_as(n_listed).to(n_listed.dtype))
