@@ -378,8 +378,12 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     mode = rt.effective_mode()
     cfg = rt.cfg
     cu, max_seqlen, one_per_row = _document_bounds(rt, kwargs, B, L, query.device)
-    if mode == "switch" and cfg.dense_len != -1 and max_seqlen < cfg.dense_len:
-        mode = "dense"  # every document is short: skip selection altogether
+    triton_path = cfg.impl == "triton" or (cfg.impl == "auto" and query.is_cuda)
+    if mode == "switch" and cfg.dense_len != -1 and max_seqlen < cfg.dense_len and not triton_path:
+        # Every document is short: skip selection on the reference path. The Triton path keeps these rows:
+        # its kernel runs dense documents itself with no host sync, where the dense fallback without flash-attn
+        # loops over documents on the host (34 ms vs 3.8 ms per layer on 64 x 512 tokens, H100).
+        mode = "dense"
     dense_len = -1 if mode == "sparse" else cfg.dense_len
 
     acc = rt.stats

@@ -28,7 +28,9 @@ Layout of the work
   (attention sinks: block 0 is picked by every token) are split: extra chunks write fp32 partials that the
   block's own program adds before its single store.
 - Dense documents run a second launch of the same kernels in dense mode (every causal block, larger tiles);
-  each launch skips the documents of the other mode after one load.
+  each launch skips the documents of the other mode after one load. Documents no longer than `dense_min` stay
+  on the sparse launch (InfLLM-V2 passes k_eff * B: their selection lists every block, so sparse = dense), and
+  the dense launches are left out when no length in [1, max_seqlen] can be dense (Python ints only).
 No host synchronisation: every size used on the host is a Python int (N, n_docs, K, max_seqlen) or shape
 metadata; per-document decisions and loop bounds are loaded from device tensors inside the kernels.
 Measured speed and the reasoning behind the defaults: bench/README.md ("Sparse attention").

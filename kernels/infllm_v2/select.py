@@ -417,7 +417,11 @@ def _select(q, k, cu_seqlens, max_seqlen, *, block_size, kernel_size, kernel_str
     # Non-forced blocks a token can need: k_eff minus its forced ones, at most topk - init_blocks - 1.
     k_sel = max(_next_pow2(max(1, topk - init_blocks - 1)), nbi)
     n_blocks_max = triton.cdiv(max_seqlen, block_size)
-    id_bits = max(1, (n_blocks_max - 1).bit_length())
+    # ID_BITS is a compile-time constant: derived from each batch's max_seqlen it recompiled the kernel
+    # whenever a batch's longest document crossed a power of two (seconds per new value, seen as 5-20 s
+    # training steps on an H100). A floor of 11 bits (2048 blocks, 128k tokens at B=64) keeps one variant;
+    # the score keeps 21 bits, finer than bf16.
+    id_bits = max(11, (n_blocks_max - 1).bit_length())
     if id_bits > 22:
         raise ValueError(f"max_seqlen: too long for the Triton selection's keys ({n_blocks_max} blocks)")
     n_tile_slots = triton.cdiv(max_seqlen, config.block_t)
