@@ -378,9 +378,27 @@ def infllm_v2_select_triton(q, k, cu_seqlens, max_seqlen, *, block_size=64, kern
                             init_blocks=1, window_size=2048, topk=64, lse_approx=True, softmax_scale=None):
     """Block selection (steps 1-7). Returns int32 [H_kv, N, k_eff]: per query token the ids of its selected
     blocks relative to its document start, ascending, padded with -1. No gradient, no host sync."""
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1]) if q.dim() == 3 else softmax_scale
+    return _select_op(q.detach(), k.detach(), cu_seqlens, int(max_seqlen), int(block_size), int(kernel_size),
+                      int(kernel_stride), int(init_blocks), int(window_size), int(topk), bool(lse_approx),
+                      float(scale) if scale is not None else -1.0)
+
+
+# A custom op with a fake (meta) implementation, so torch.compile traces through the selection instead of
+# breaking the graph around the Triton launches.
+@torch.library.custom_op("infllm::infllm_v2_select", mutates_args=())
+def _select_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int,
+               kernel_size: int, kernel_stride: int, init_blocks: int, window_size: int, topk: int,
+               lse_approx: bool, softmax_scale: float) -> torch.Tensor:
     return _select(q, k, cu_seqlens, max_seqlen, block_size=block_size, kernel_size=kernel_size,
                    kernel_stride=kernel_stride, init_blocks=init_blocks, window_size=window_size, topk=topk,
-                   lse_approx=lse_approx, softmax_scale=softmax_scale)
+                   lse_approx=lse_approx, softmax_scale=None if softmax_scale < 0 else softmax_scale)
+
+
+@_select_op.register_fake
+def _(q, k, cu_seqlens, max_seqlen, block_size, kernel_size, kernel_stride, init_blocks, window_size, topk,
+      lse_approx, softmax_scale):
+    return q.new_empty((k.shape[1], q.shape[0], topk + window_size // block_size), dtype=torch.int32)
 
 
 @torch.no_grad()

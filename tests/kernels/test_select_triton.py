@@ -156,3 +156,18 @@ def test_select_no_host_sync_and_large_bf16():
         scores.append(block_scores_doc(q[a:b], k[a:b], sc, d ** -0.5, True).double().cpu())
     assert_selection_matches_by_score(idx.cpu(), scores, cu.cpu(), block_size=64, init_blocks=1, window_size=2048,
                                       topk=64, rtol=RTOL[torch.bfloat16])
+
+
+def test_selection_is_a_custom_op_with_a_fake_implementation():
+    """torch.compile traces the selection through its registered fake instead of breaking the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels.infllm_v2.select import infllm_v2_select_triton
+
+    with FakeTensorMode():
+        q = torch.empty(300, 6, 64)
+        k = torch.empty(300, 2, 64)
+        cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+        idx = infllm_v2_select_triton(q, k, cu, 200, block_size=16, kernel_size=8, kernel_stride=4,
+                                      init_blocks=1, window_size=32, topk=3)
+    assert idx.shape == (2, 300, 5) and idx.dtype == torch.int32
