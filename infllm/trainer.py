@@ -271,8 +271,8 @@ class Trainer:
         model.eval()
         try:
             out_dir = os.path.join(self.run_dir, "eval", f"step_{self.step:08d}")
-            results = run_suite(model, self.tokenizer, self.cfg.eval, out_dir,
-                                metrics_path=self.metrics.path) if self.is_main else {}
+            results = run_suite(model, self.tokenizer, self.cfg.eval, out_dir, data_cfg=self.cfg.data,
+                                step=self.step, metrics_path=self.metrics.path) if self.is_main else {}
         finally:
             model.train()
         if self.is_main and results:

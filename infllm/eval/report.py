@@ -181,6 +181,10 @@ def plot_perplexity(ppl: Dict[str, Dict], path: str, trained_len: Optional[int] 
     if trained_len and trained_len <= p_len:
         ax.axvline(trained_len, color="grey", linestyle="--", linewidth=1)
         ax.text(trained_len, ax.get_ylim()[1], " max_position_embeddings", va="top", fontsize=7, color="grey")
+    values = [b["ppl"] for p in ppl.values() for b in p["buckets"]]
+    # Past the trained length perplexity can grow by orders of magnitude: a log axis keeps both ends readable.
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
     ax.set_xlabel("token position (bucket centre)")
     ax.set_ylabel("perplexity")
     p0 = next(iter(ppl.values()))
