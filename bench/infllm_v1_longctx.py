@@ -1,13 +1,13 @@
 """Passkey / needle accuracy of the embedded SmolLM2 (or any model) at long lengths, plain attention beside
-InfLLM (v1) context memory, no training. Uses the eval suite (infllm.eval.run_suite, mode "model": the
-attention as loaded) and writes its report per attention into --out/<attention>/.
+InfLLM (v1) context memory, no training. Uses the eval suite's samples and scorers (infllm.eval: build_samples,
+score_teacher_forced, score_generate; the same seeded samples as run_suite) and writes one JSON per attention,
+<out>/<attention>.json, rewritten after every sample.
 
     python bench/infllm_v1_longctx.py --attention dense infllm_v1_small --lengths 16384 32768 \
         --tasks passkey niah_single --depths 0.1 0.5 0.9 --samples 1 --out runs/v1_longctx
 
 --attention names: dense (the model's own SDPA attention, untouched) or a file of conf/attention/ with
-name: infllm_v1. Results (launch/LOG.md, "InfLLM (v1) baseline on SmolLM2") are read from the printed table or
-<out>/<attention>/eval_results.json.
+name: infllm_v1. Results: launch/LOG.md, "InfLLM (v1) baseline on SmolLM2".
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from infllm.attention_v1 import apply_infllm_v1  # noqa: E402
 from infllm.config import AttentionConfig, ModelConfig  # noqa: E402
-from infllm.eval import run_suite  # noqa: E402
 from infllm.eval.config import EvalConfig  # noqa: E402
+from infllm.eval.scoring import score_generate, score_teacher_forced  # noqa: E402
+from infllm.eval.suite import build_samples  # noqa: E402
 from infllm.model import load_model  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "attention")
@@ -79,25 +80,37 @@ def main() -> None:
         else:
             label = "dense"
         model.to(args.device).eval()
-        out_dir = os.path.join(args.out, label)
+        os.makedirs(args.out, exist_ok=True)
         t0 = time.time()
-        metrics = run_suite(model, tok, eval_cfg, out_dir, modes=["model"])
-        with open(os.path.join(out_dir, "eval_results.json")) as f:
-            records = json.load(f)["records"]
-        for r in records:
-            tf = r.get("exact") if args.scoring != "generate" else None
-            gen = r.get("gen_exact", r.get("exact") if args.scoring == "generate" else None)
-            rows.append((label, r["task"], r["length"], r["depth"], tf, gen, r.get("seconds", 0.0)))
-            print(f"{label:28s} {r['task']:12s} len={r['length']:6d} depth={r['depth']} teacher_forced={tf} "
-                  f"generate={gen} {r.get('gen_text', '')!r} {r.get('seconds', 0.0):.0f}s", flush=True)
-        print(f"{label}: {time.time() - t0:.0f}s, metrics {json.dumps(metrics)}", flush=True)
+        records = []
+        # The suite's own samples and scorers, one sample at a time, a result line as soon as it is scored
+        # (a 32k sample takes many minutes on CPU).
+        for s in build_samples(tok, eval_cfg):
+            t_s = time.time()
+            rec = dict(attention=label, task=s.task, length=s.length, depth=s.depth, answer=s.values)
+            with torch.no_grad():
+                if args.scoring in ("teacher_forced", "both"):
+                    rec["teacher_forced"] = score_teacher_forced(model, s)["exact"]
+                if args.scoring in ("generate", "both"):
+                    scores, text = score_generate(model, tok, s)
+                    rec.update(generate=scores["exact"], gen_text=text)
+            rec["seconds"] = time.time() - t_s
+            records.append(rec)
+            rows.append(rec)
+            print(f"{label:28s} {s.task:12s} len={s.length:6d} depth={s.depth} "
+                  f"teacher_forced={rec.get('teacher_forced')} generate={rec.get('generate')} "
+                  f"{rec.get('gen_text', '')!r} {rec['seconds']:.0f}s", flush=True)
+            with open(os.path.join(args.out, f"{label}.json"), "w") as f:
+                json.dump(records, f, indent=1)
+        print(f"{label}: {time.time() - t0:.0f}s", flush=True)
         del model
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"device {args.device}")
     print("| attention | task | length | depth | teacher-forced exact | generate exact | s |")
     print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join("-" if x is None else str(x) for x in row[:6]) + f" | {row[6]:.0f} |")
+    for r in rows:
+        cells = [r["attention"], r["task"], r["length"], r["depth"], r.get("teacher_forced"), r.get("generate")]
+        print("| " + " | ".join("-" if x is None else str(x) for x in cells) + f" | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
