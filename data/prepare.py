@@ -32,6 +32,7 @@ from collections import deque
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from data.config import DataConfig, DataError
 from data.sources import BadDocuments, ResolvedSource, iter_documents, resolve_source
@@ -249,44 +250,12 @@ def is_prepared(directory: str) -> bool:
 
 @contextlib.contextmanager
 def _lock(path: str, timeout_s: float = 6 * 3600.0):
-    """An O_EXCL lock file: one process prepares, the others wait for it. A lock whose owner process is gone
-    (same host) is taken over."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{os.uname().nodename} {os.getpid()}".encode())
-            break
-        except FileExistsError:
-            if _stale_lock(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                continue
-            if time.monotonic() > deadline:
-                raise DataError(f"waited {timeout_s:.0f}s for {path}; remove it if no preparation is running")
-            time.sleep(0.5)
+    """One process prepares, the others wait (filelock: an flock the OS releases if the holder dies)."""
     try:
-        yield
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _stale_lock(path: str) -> bool:
-    try:
-        host, pid = open(path).read().split()
-    except (OSError, ValueError):
-        return False
-    if host != os.uname().nodename:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+        with FileLock(path, timeout=timeout_s):
+            yield
+    except Timeout:
+        raise DataError(f"waited {timeout_s:.0f}s for {path}; is another preparation still running?") from None
 
 
 def _safe_name(label: str) -> str:

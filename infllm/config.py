@@ -211,6 +211,9 @@ class TrainerConfig:
     progress_bar: bool = True
     # Stop after this many skipped (non-finite) steps.
     max_nonfinite_steps: int = 10
+    # InfLLM-V2: time block selection at the first layer (CUDA events, one extra selection pass per forward)
+    # and log sparse/select_step_share, the estimated share of the step spent selecting blocks.
+    time_selection: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):

@@ -7,7 +7,6 @@ hub, ever.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -17,6 +16,7 @@ import time
 from typing import Optional, Tuple
 
 import torch
+from filelock import FileLock
 
 from infllm import cache_root
 from infllm.config import AttentionConfig, ConfigError, ModelConfig
@@ -43,31 +43,6 @@ def embedded_gguf_path() -> str:
     return path
 
 
-@contextlib.contextmanager
-def _file_lock(path: str, timeout_s: float = 600.0):
-    """A lock file created with O_EXCL: several ranks starting at once convert the model only once."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            # A lock left by a killed process older than the timeout is stale.
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.path.getmtime(path) > timeout_s:
-                    os.unlink(path)
-                    continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout_s:.0f}s for the lock {path}; remove it if no run holds it")
-            time.sleep(0.5)
-    try:
-        yield
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 def embedded_model_dir(cache_dir: Optional[str] = None) -> str:
     """The embedded SmolLM2 as a plain Hugging Face directory (safetensors + tokenizer), converted once."""
     root = os.path.join(cache_dir or cache_root(), "models")
@@ -75,7 +50,9 @@ def embedded_model_dir(cache_dir: Optional[str] = None) -> str:
     if os.path.isfile(os.path.join(target, _DONE_MARKER)):
         return target
     os.makedirs(root, exist_ok=True)
-    with _file_lock(target + ".lock"):
+    # filelock (flock): released by the OS if the holder dies, so several ranks convert once and no stale lock
+    # survives a killed run.
+    with FileLock(target + ".lock", timeout=600):
         if os.path.isfile(os.path.join(target, _DONE_MARKER)):
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -99,6 +99,10 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
+        if cfg.trainer.time_selection and attn.name == "infllm_v2":
+            from infllm.attention import configure_sparse_stats
+
+            configure_sparse_stats(model, time_selection=True)
         _log_attention(attn, cfg.trainer.seq_len)
         engine = build_engine(model, cfg)
         loader = build_train_loader(cfg.data, tokenizer, seq_len=cfg.trainer.seq_len,
@@ -297,6 +301,10 @@ class Trainer:
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
         if stats:
             m.update({f"sparse/{k}": v for k, v in stats.items()})
+            if stats.get("select_ms") is not None:
+                # Timed at the first layer over the whole window; every layer selects the same way.
+                layers = getattr(model.config, "num_hidden_layers", 1)
+                m["sparse/select_step_share"] = stats["select_ms"] * layers / (dt * 1e3)
         mix = getattr(self.loader, "mix_stats", None)
         if callable(mix):
             m.update({f"data/{k}": v for k, v in mix().items() if isinstance(v, (int, float))})
