@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from typing import Dict, List, Optional
@@ -87,7 +88,8 @@ def _arms(root: str) -> List[tuple]:
     """The fixed arms, then every InfLLM-V2 variant (sparse_<name>, launch/s2l_smollm2.sh VARIANTS) found."""
     arms = list(ARMS)
     found = set(os.listdir(os.path.join(root, "eval"))) if os.path.isdir(os.path.join(root, "eval")) else set()
-    for arm in sorted(found):
+    natural = lambda a: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", a)]
+    for arm in sorted(found, key=natural):
         if arm.startswith("sparse_"):
             label = f"InfLLM-V2 continued training, 32k ({arm[len('sparse_'):]})"
             cfg_path = os.path.join(root, arm, "final", "config.json")
