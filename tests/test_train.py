@@ -142,9 +142,10 @@ def test_rope_scaling_written_into_saved_config(tmp_path):
 
 
 def test_time_selection_logs_select_share(tmp_path):
-    """trainer.time_selection: selection is timed at the first layer and its share of the step is logged."""
+    """trainer.time_selection (on by default): selection is timed at the first layer and its share of the step
+    is logged."""
     run = str(tmp_path / "run")
-    cfg = compose_config(DEBUG + ["trainer.max_steps=2", "trainer.seq_len=1024", "trainer.time_selection=true",
+    cfg = compose_config(DEBUG + ["trainer.max_steps=2", "trainer.seq_len=1024",
                                   "checkpoint.every_steps=0", "checkpoint.save_hf=false"], output_dir=run)
     Trainer.build(cfg).fit()
     rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"loss"' in l]
@@ -153,9 +154,10 @@ def test_time_selection_logs_select_share(tmp_path):
         assert r["sparse/sparse_tokens"] > 0
         assert r["sparse/select_ms"] > 0 and r["sparse/attention_ms"] > 0
         assert 0 < r["sparse/select_step_share"] < 1
-    # Off (the default): nothing is timed.
+    # Off: nothing is timed.
     run2 = str(tmp_path / "run2")
     Trainer.build(compose_config(DEBUG + ["trainer.max_steps=1", "trainer.seq_len=1024", "checkpoint.every_steps=0",
+                                          "trainer.time_selection=false",
                                           "checkpoint.save_hf=false"], output_dir=run2)).fit()
     row = [json.loads(l) for l in open(os.path.join(run2, "metrics.jsonl")) if '"loss"' in l][0]
     assert "sparse/select_step_share" not in row and "sparse/select_ms" not in row
