@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,11 +187,30 @@ def _block_counts(lengths: torch.Tensor, block_size: int, k_eff: int) -> Tuple[t
     return attended, causal
 
 
+@dataclass
+class ProbeCall:
+    """What a selection probe (see `selection_probe`) receives from one sparse-path attention call: the
+    layer's varlen q / k exactly as the kernels get them (after RoPE and autocast casts; detached), the document
+    bounds, the model's softmax scale (None = 1/sqrt(d)), the dense_len in force (-1 in sparse mode) and the
+    kernel keyword arguments of `kernels.infllm_v2_select` (block_size ... lse_approx, impl)."""
+    layer_idx: Optional[int]
+    q: torch.Tensor
+    k: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    softmax_scale: Optional[float]
+    dense_len: int
+    kernel_kwargs: Dict[str, Any]
+
+
 class _Runtime:
     def __init__(self, cfg: AttentionConfig) -> None:
         self.cfg = cfg
         self.mode: Optional[str] = None
         self.stats = _StatsAccumulator()
+        # Diagnostics only (infllm.eval's selection probe): called with a ProbeCall before each sparse-path
+        # attention; None (the default) costs one attribute check per layer.
+        self.probe: Optional[Callable[[ProbeCall], None]] = None
         self._bounds_key: Optional[Tuple[Any, ...]] = None
         self._bounds_value: Optional[Tuple[torch.Tensor, int, bool]] = None
 
@@ -412,6 +431,10 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
     q, k, v = _to_varlen(query), _to_varlen(key), _to_varlen(value)
     kw = rt.kernel_kwargs()
+    if rt.probe is not None and not _in_backward():
+        rt.probe(ProbeCall(layer_idx=getattr(module, "layer_idx", None), q=q.detach(), k=k.detach(),
+                           cu_seqlens=cu, max_seqlen=max_seqlen, softmax_scale=scaling, dense_len=dense_len,
+                           kernel_kwargs=dict(kw)))
     if acc.time_selection and getattr(module, "layer_idx", 0) in (0, None) and not _in_backward():
         # Measurement mode: selection is fused into infllm_v2_attn_varlen, so it is timed by one extra call.
         with torch.no_grad(), acc.timer("select", query.device):
@@ -559,22 +582,40 @@ def attention_config_of(model: torch.nn.Module) -> AttentionConfig:
 
 
 @contextlib.contextmanager
+def _runtime_setting(model: torch.nn.Module, name: str, value: Any, caller: str) -> Iterator[None]:
+    """Sets attribute `name` of every InfLLM runtime of `model` within the block, then restores each one."""
+    rts = _runtimes(model)
+    if not rts:
+        raise ValueError(f"{caller}: the model has no InfLLM attention; call apply_attention first")
+    previous = [getattr(rt, name) for rt in rts]
+    for rt in rts:
+        setattr(rt, name, value)
+    try:
+        yield
+    finally:
+        for rt, prev in zip(rts, previous):
+            setattr(rt, name, prev)
+
+
+@contextlib.contextmanager
 def attention_mode(model: torch.nn.Module, mode: Optional[str]) -> Iterator[torch.nn.Module]:
     """Within the block: "dense" attends densely everywhere, "sparse" sparsely everywhere (dense_len = -1),
     None per config (dense_len switch, or always dense for name=dense). Restores the previous mode."""
     if mode not in MODES:
         raise ValueError(f"attention_mode: expected 'dense', 'sparse' or None, got {mode!r}")
-    rts = _runtimes(model)
-    if not rts:
-        raise ValueError("attention_mode: the model has no InfLLM attention; call apply_attention first")
-    previous = [rt.mode for rt in rts]
-    for rt in rts:
-        rt.mode = mode
-    try:
+    with _runtime_setting(model, "mode", mode, "attention_mode"):
         yield model
-    finally:
-        for rt, prev in zip(rts, previous):
-            rt.mode = prev
+
+
+@contextlib.contextmanager
+def selection_probe(model: torch.nn.Module, fn: Callable[[ProbeCall], None]) -> Iterator[torch.nn.Module]:
+    """Within the block, every attention call that takes the sparse path (sparse mode, or the dense_len switch
+    with a Triton impl or a long document) first calls `fn(ProbeCall(...))` with that layer's q / k (no
+    gradient, not during a backward recompute). Dense calls and KV-cache steps (generation, chunked prefill
+    after the first chunk) run no probe. For diagnostics (infllm.eval's `eval.selection_probe`); the probe may
+    sync with the host. Restores the previous probe on exit."""
+    with _runtime_setting(model, "probe", fn, "selection_probe"):
+        yield model
 
 
 def get_sparse_stats(model: torch.nn.Module, reset: bool = False) -> SparseStats:
@@ -611,7 +652,7 @@ def expected_density(seq_len: int, cfg: AttentionConfig) -> float:
     return float(attended / causal)
 
 
-__all__ = ["ATTN_SPARSE", "ATTN_DENSE", "SparseStats", "apply_attention", "attention_config_from_hf",
+__all__ = ["ATTN_SPARSE", "ATTN_DENSE", "ProbeCall", "SparseStats", "apply_attention", "attention_config_from_hf",
            "attention_config_of", "attention_mode", "check_supported", "configure_sparse_stats",
            "expected_density", "get_sparse_stats", "infllm_attention_forward", "register", "reset_sparse_stats",
-           "sparse_config_dict"]
+           "selection_probe", "sparse_config_dict"]

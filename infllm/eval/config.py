@@ -68,6 +68,10 @@ class EvalConfig:
     # A trainer's metrics.jsonl for the loss-curve plot (null = look beside the checkpoint).
     metrics_file: Optional[str] = None
     plots: bool = True
+    # Diagnostic for sparse mode (infllm/eval/probe.py): per sample, does InfLLM-V2's block selection for the
+    # query that predicts the answer contain the target needle's key block(s), at every layer and KV head?
+    # Adds needle_block_recall / needle_block_rank to the records, metrics and report. Off: no cost at all.
+    selection_probe: bool = False
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")

@@ -12,6 +12,8 @@ REPORT_MD = "eval_report.md"
 HEATMAP_PNG = "needle_heatmap.png"
 PPL_PNG = "ppl_by_position.png"
 LOSS_PNG = "loss_curve.png"
+# Fields of the selection probe's records (infllm/eval/probe.py; kept here so the report needs no torch).
+PROBE_METRICS = ("needle_block_recall", "needle_block_rank")
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -36,7 +38,10 @@ def flat_metrics(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict]) -> Dic
     <mode>/acc (mean over tasks), <mode>/ppl, <mode>/ppl/<start>-<end>, ..."""
     out: Dict[str, float] = {}
     metrics = ["exact", "value_acc", "logprob"] + (["gen_exact"] if any("gen_exact" in r for r in records) else [])
+    # eval.selection_probe (sparse records only): <mode>/<task>/[len<L>/]needle_block_recall, ..._rank
+    metrics += [m for m in PROBE_METRICS if any(m in r for r in records)]
     names = {"exact": "acc", "value_acc": "value_acc", "logprob": "logprob", "gen_exact": "gen_acc"}
+    names.update({m: m for m in PROBE_METRICS})
     for metric in metrics:
         for key, v in aggregate(records, metric).items():
             if len(key) == 2:
@@ -112,6 +117,8 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
                     if (m, t) in gen:
                         lines.append(f"| {t} | {m} | " + " | ".join(_pct(gen.get((m, t, n))) for n in task_lengths)
                                      + " |")
+    if any("needle_block_recall" in r for r in records):
+        lines += _probe_markdown(records, modes, tasks)
     if ppl:
         any_p = next(iter(ppl.values()))
         heldout = any_p.get("heldout_docs", any_p["docs"])
@@ -123,6 +130,71 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
                          + " |")
         lines.append("| all | " + " | ".join(f"{p['overall']:.2f}" for p in ppl.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _probe_markdown(records: Sequence[Dict[str, Any]], modes: Sequence[str], tasks: Sequence[str]) -> List[str]:
+    """The selection probe's tables (eval.selection_probe; records of sparse mode)."""
+    probed = [r for r in records if "needle_block_recall" in r]
+    lengths = sorted({r["length"] for r in probed})
+    cols = " | ".join(str(n) for n in lengths)
+    recall = aggregate(probed, "needle_block_recall")
+    rank = aggregate(probed, "needle_block_rank")
+    free = sorted({r["selection_probe"]["free_slots"] for r in probed})
+    lines = ["", "## Needle block selection (eval.selection_probe)", "",
+             "Does the block selection of the query that predicts the answer's first value token contain the key "
+             "block(s) of the target needle's value? Cells: recall (% of (layer, KV head) pairs selecting every "
+             "needle block) / rank (median over those pairs of the needle block's rank among the non-forced "
+             "candidate blocks by score; 0 = forced, i.e. init block or local window; selected when rank <= free "
+             f"slots = {', '.join(str(f) for f in free)}).", "",
+             f"| task | mode | depth | {cols} |", "|" + "---|" * (len(lengths) + 3)]
+
+    def cell(key: Tuple) -> str:
+        return f"{_pct(recall[key])} / {rank[key]:.1f}" if key in recall else "-"
+
+    for t in tasks:
+        depths = sorted({r["depth"] for r in probed if r["task"] == t}, key=lambda d: -1 if d is None else d)
+        for m in modes:
+            if (m, t) not in recall:
+                continue
+            for d in depths:
+                cells = " | ".join(cell((m, t, n, d)) for n in lengths)
+                lines.append(f"| {t} | {m} | {'-' if d is None else f'{d:g}'} | {cells} |")
+            lines.append(f"| {t} | {m} | all | " + " | ".join(cell((m, t, n)) for n in lengths) + " |")
+    # Selection vs outcome: a miss with the needle selected points at the attention, a miss without it at
+    # the selection.
+    lines += ["", "Needle block recall (%) of the samples answered right / wrong (number of samples):", "",
+              f"| task | mode | {cols} |", "|" + "---|" * (len(lengths) + 2)]
+    for t in tasks:
+        for m in modes:
+            rows = [r for r in probed if r["task"] == t and r["mode"] == m]
+            if not rows:
+                continue
+            cells = []
+            for n in lengths:
+                parts = []
+                for right in (True, False):
+                    xs = [r["needle_block_recall"] for r in rows
+                          if r["length"] == n and "exact" in r and (r["exact"] == 1.0) == right]
+                    parts.append(f"{_pct(_mean(xs))} ({len(xs)})" if xs else "- (0)")
+                cells.append(" / ".join(parts))
+            lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
+    # Which layers miss: recall per layer, over the samples of each length.
+    n_layers = max(len(r["selection_probe"]["layer_recall"]) for r in probed)
+    layer_ids = next(r["selection_probe"]["layers"] for r in probed
+                     if len(r["selection_probe"]["layers"]) == n_layers)
+    lines += ["", "Needle block recall by decoder layer (%, mean over the samples of a length):", "",
+              "| task | mode | length | " + " | ".join(f"L{i}" for i in layer_ids) + " |",
+              "|" + "---|" * (n_layers + 3)]
+    for t in tasks:
+        for m in modes:
+            for n in lengths:
+                rows = [r["selection_probe"]["layer_recall"] for r in probed
+                        if r["task"] == t and r["mode"] == m and r["length"] == n]
+                if not rows:
+                    continue
+                means = [_mean(x[i] for x in rows if i < len(x)) for i in range(n_layers)]
+                lines.append(f"| {t} | {m} | {n} | " + " | ".join(_pct(v) for v in means) + " |")
+    return lines
 
 
 def _plt():

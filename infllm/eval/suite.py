@@ -18,6 +18,7 @@ from infllm.eval import report
 from infllm.eval.config import EvalConfig
 from infllm.eval.haystack import corpus_haystack, heldout_documents
 from infllm.eval.perplexity import perplexity_by_position
+from infllm.eval.probe import recording, sample_recorder
 from infllm.eval.scoring import model_device, score_generate, score_teacher_forced
 from infllm.eval.tasks import HaystackPool, Sample, generate_samples
 
@@ -84,13 +85,27 @@ def _record(sample: Sample, mode: str) -> Dict[str, Any]:
 def _score(model, tokenizer, s: Sample, mode: str, eval_cfg: EvalConfig) -> Dict[str, Any]:
     rec = _record(s, mode)
     t0 = time.time()
-    if eval_cfg.scoring in ("teacher_forced", "both"):
-        rec.update(score_teacher_forced(model, s, eval_cfg.prefill_chunk))
+    # eval.selection_probe: record InfLLM-V2's block selection for the answer queries (sparse mode only), on the
+    # teacher-forced forward, else on generation's prefill (same positions unless chat-wrapped).
+    recorder = sample_recorder(s, mode, eval_cfg.selection_probe)
+    teacher_forced = eval_cfg.scoring in ("teacher_forced", "both")
+    if teacher_forced:
+        with recording(model, recorder):
+            rec.update(score_teacher_forced(model, s, eval_cfg.prefill_chunk))
     if eval_cfg.scoring in ("generate", "both"):
-        scores, text = score_generate(model, tokenizer, s, eval_cfg.chat_template, eval_cfg.extra_new_tokens)
+        gen_recorder = None if (teacher_forced or eval_cfg.chat_template) else recorder
+        with recording(model, gen_recorder):
+            scores, text = score_generate(model, tokenizer, s, eval_cfg.chat_template, eval_cfg.extra_new_tokens)
         rec.update({f"gen_{k}": v for k, v in scores.items()}, gen_text=text)
         if eval_cfg.scoring == "generate":
             rec.update(exact=scores["exact"], value_acc=scores["value_acc"])
+    if recorder is not None:
+        probed = recorder.metrics()
+        if not probed:
+            log.warning("eval: the selection probe recorded nothing for %s len=%d depth=%s (the answer queries did "
+                        "not take the sparse path: eval.prefill_chunk, or a chat-wrapped generation)",
+                        s.task, s.length, s.depth)
+        rec.update(probed)
     rec["seconds"] = time.time() - t0
     log.debug("eval %s %s len=%d depth=%s: %s", mode, s.task, s.length, s.depth,
               {k: rec[k] for k in ("exact", "logprob") if k in rec})
