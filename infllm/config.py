@@ -263,6 +263,10 @@ class ParallelConfig:
     # Optimizer state (and its update) on CPU; parameters on CPU (stage 3 only).
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Stage 3 only: the model is built already partitioned over the ranks (DeepSpeed zero.Init, entered through
+    # transformers' HfDeepSpeedConfig), so no rank ever holds the whole model on its device; false: every rank
+    # builds the full model and DeepSpeed partitions it when the engine starts. Same weights either way.
+    zero_init: bool = True
     # Expected world size (0 = whatever torchrun gives); a different launch fails before training.
     world_size: int = 0
     # Collective timeout: a rank waits this long for the others (e.g. while rank 0 exports or evaluates).

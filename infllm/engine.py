@@ -23,7 +23,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 else decay).append(p)
+        # ZeRO-3 (zero.Init) leaves an empty 1-D placeholder in a partitioned parameter; ds_shape is its shape.
+        (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)

@@ -7,6 +7,7 @@ hub, ever.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -139,13 +140,21 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(model_cfg: ModelConfig, attn_cfg: Optional[AttentionConfig] = None) -> Tuple[torch.nn.Module, object]:
+def load_model(model_cfg: ModelConfig, attn_cfg: Optional[AttentionConfig] = None,
+               zero_init=None) -> Tuple[torch.nn.Module, object]:
     """Build (model, tokenizer). The attention is swapped when `attn_cfg` is given, or restored from the
-    checkpoint's `sparse_config` when it has one and no config is given."""
+    checkpoint's `sparse_config` when it has one and no config is given.
+
+    `zero_init` (an `infllm.parallel.ZeroInit`, from `setup_parallel` at ZeRO-3; every rank calls load_model): the
+    model is built already partitioned over the ranks. The path (and the embedded GGUF conversion) and the
+    tokenizer are resolved first, on full weights. A checkpoint is loaded by transformers' ZeRO-3 route; a random
+    model is drawn in full on the host first (the very weights one process draws from the seed) and copied into
+    the partitions."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _dtype(model_cfg.dtype)
     tokenizer = load_tokenizer(model_cfg)
+    partitioned = zero_init.building if zero_init is not None else contextlib.nullcontext
     if model_cfg.random_init:
         arch = dict(model_cfg.arch)
         model_type = arch.pop("model_type")
@@ -156,11 +165,18 @@ def load_model(model_cfg: ModelConfig, attn_cfg: Optional[AttentionConfig] = Non
             raise ConfigError(f"model.arch.model_type: {e}") from None
         apply_rope_settings(config, model_cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if zero_init is not None:
+            full = model
+            with partitioned():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            zero_init.copy_weights(full, model)
+            del full
     else:
         path = resolve_model_path(model_cfg)
         config = AutoConfig.from_pretrained(path)
         apply_rope_settings(config, model_cfg)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+        with partitioned():
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ConfigError(f"model: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer")
@@ -174,4 +190,5 @@ def load_model(model_cfg: ModelConfig, attn_cfg: Optional[AttentionConfig] = Non
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves each rank a partition of every parameter; ds_numel is the full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

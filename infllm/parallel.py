@@ -5,14 +5,30 @@
 - parallel.engine=deepspeed: `DeepSpeedEngine`, DeepSpeed ZeRO stage 1/2/3 (optionally offloading the optimizer
   state and, at stage 3, the parameters to CPU), one process per device, launched by torchrun (launch/run.sh).
 
-What `build_engine` does for a distributed run, in this order:
-1. read rank / local rank / world size from the launcher's environment and check them against the config;
-2. bind the process to its device and open the process group: NCCL on GPU, gloo on CPU;
-3. agree on one run directory (rank 0's) so that every rank writes its checkpoint files into the same place;
-4. wrap the single-device model with `deepspeed.initialize`: a client `torch.optim.AdamW` (a DeepSpeed-config
-   optimizer would JIT-compile fused_adam), the lr schedule stepped once per optimizer step, bf16 on GPU
-   (DeepSpeed keeps fp32 master weights), fp32 on CPU. Activation checkpointing stays the Hugging Face switch
-   (`trainer.gradient_checkpointing`), applied to the model before it gets here.
+A distributed run is set up in two calls, because ZeRO-3 partitions the model while it is being built:
+`setup = setup_parallel(cfg)` before the model exists, `build_engine(model, cfg, setup)` after. `setup_parallel`:
+1. reads rank / local rank / world size from the launcher's environment and checks them against the config;
+2. binds the process to its device and opens the process group (NCCL on GPU, gloo on CPU), and DeepSpeed's
+   communication on top of it;
+3. agrees on one run directory (rank 0's) so that every rank writes its checkpoint files into the same place;
+4. generates the DeepSpeed config (`deepspeed_config`, the one place it is built) and, at ZeRO-3 with
+   `parallel.zero_init` (the default), a `ZeroInit` for `infllm.model.load_model`: transformers' HfDeepSpeedConfig
+   around `from_pretrained` / `from_config`, so that the model is built already partitioned (deepspeed.zero.Init)
+   and no rank ever holds all of its weights. A checkpoint is read on the host as transformers does under ZeRO-3;
+   a random model (`model.random_init`) is drawn in full on the host, as one process draws it, and copied into
+   the partitions, so a seed gives the same weights under every parallel config. The embedded GGUF conversion
+   happens before, on full weights, with ZeRO-3 not yet visible to transformers.
+`build_engine` then wraps the model with `deepspeed.initialize`: a client `torch.optim.AdamW` (a DeepSpeed-config
+optimizer would JIT-compile fused_adam), the lr schedule stepped once per optimizer step, bf16 on GPU (DeepSpeed
+keeps fp32 master weights), fp32 on CPU. Activation checkpointing stays the Hugging Face switch
+(`trainer.gradient_checkpointing`), applied to the model before it gets here. `build_engine(model, cfg)` without a
+setup does both steps (the model was then built in full; ZeRO-3 partitions it in `deepspeed.initialize`).
+
+In-loop eval. `engine.gathered()` is a context every rank enters: ZeRO-1/2 hold full weights already (no-op);
+ZeRO-3 gathers every parameter on every rank (`deepspeed.zero.GatheredParameters(..., modifier_rank=None)`, a
+collective) and takes DeepSpeed's per-module hooks off, so that forward passes inside are local: rank 0 evaluates
+while the other ranks wait in a barrier at the end of the context, after which the hooks are back and the weights
+partitioned again, unchanged (training goes on exactly as without the eval).
 
 Gradient accumulation. The trainer calls `forward`/`backward` once per micro-batch and `step` once per
 accumulation window, with each micro-batch's loss already normalised by the token count of the whole window
@@ -38,7 +54,8 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -131,6 +148,11 @@ def _destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            # Leave together: a gloo rank whose peer has already torn its connections down can abort at exit
+            # ("terminate called without an active exception"). Bounded, so a crashed peer cannot hang us.
+            with contextlib.suppress(Exception):
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
@@ -200,6 +222,124 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def is_zero3(ds_config: Dict[str, Any]) -> bool:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+# -- ZeRO-3: the model built partitioned (zero.Init) ------------------------------------------------------
+
+class ZeroInit:
+    """The zero.Init hook of `infllm.model.load_model` (ZeRO-3 with parallel.zero_init): models that transformers
+    builds within `building()` are partitioned over the ranks as they are constructed (transformers enters
+    `deepspeed.zero.Init` itself when an HfDeepSpeedConfig of stage 3 is alive). Collective: every rank builds
+    the same model.
+
+    transformers holds the HfDeepSpeedConfig by a weak reference only; this object keeps it alive. ZeRO-3 is
+    visible to transformers only within `building()`: before it (the embedded GGUF conversion, the tokenizer, a
+    random model's full draw) and after it (the rank-0 eval, `generate` included, which would otherwise wait for
+    the other ranks at every token) models are plain."""
+
+    def __init__(self, ds_config: Dict[str, Any], device: torch.device):
+        if not is_zero3(ds_config):
+            raise ValueError("ZeroInit needs a ZeRO stage 3 DeepSpeed config")
+        self.ds_config = ds_config
+        self.device = device
+        self.hf_config = None
+
+    @property
+    def used(self) -> bool:
+        """Whether a model was built within `building()`."""
+        return self.hf_config is not None
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """transformers' `from_pretrained` / `from_config` build partitioned models within. RNG-neutral: the
+        torch RNG leaves as it came, whatever the construction drew (rank 0 alone initialises weights there)."""
+        from transformers.integrations import HfDeepSpeedConfig, set_hf_deepspeed_config, \
+            unset_hf_deepspeed_config
+
+        if self.hf_config is None:
+            self.hf_config = HfDeepSpeedConfig(self.ds_config)  # registers itself
+        set_hf_deepspeed_config(self.hf_config)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                yield
+        finally:
+            unset_hf_deepspeed_config()
+
+    @staticmethod
+    def copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+        """Copy the full model `src` (the same on every rank) into its partitioned twin `dst`, one module's
+        parameters gathered at a time; rank 0's copy is broadcast. Collective."""
+        import deepspeed
+        import torch.distributed as dist
+
+        full = dict(src.named_parameters(remove_duplicate=False))
+        rank0 = dist.get_rank() == 0
+        with torch.no_grad():
+            for mod_name, module in dst.named_modules():
+                named = list(module.named_parameters(recurse=False))
+                if not named:
+                    continue
+                with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
+                    if rank0:
+                        for name, param in named:
+                            param.data.copy_(full[f"{mod_name}.{name}" if mod_name else name].data)
+            buffers = dict(src.named_buffers())
+            for name, buf in dst.named_buffers():  # never partitioned: copied whole
+                if name in buffers and buffers[name].shape == buf.shape:
+                    buf.copy_(buffers[name])
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter whose full data is not on this rank now (only its `ds_tensor` partition is)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return hasattr(param, "ds_id") and param.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+# -- the set-up before the model exists -------------------------------------------------------------------
+
+@dataclass
+class ParallelSetup:
+    """What `setup_parallel` prepared for a distributed run: the device, the DeepSpeed config, and (ZeRO-3 with
+    parallel.zero_init) the zero.Init hook for `load_model`."""
+    device: torch.device
+    ds_config: Dict[str, Any]
+    zero_init: Optional[ZeroInit] = None
+
+
+def setup_parallel(cfg: Config) -> Optional[ParallelSetup]:
+    """Everything a distributed run needs before its model is built (see the module docstring); None for
+    parallel.engine=single, after checking that the launcher started one process."""
+    from infllm.trainer import resolve_device
+
+    _, local_rank, world_size = launch_env()
+    check_world_size(cfg, world_size)
+    if cfg.parallel.engine == "single":
+        return None
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ImportError:
+        raise ConfigError("parallel.engine=deepspeed needs the deepspeed package: pip install -r requirements.txt") \
+            from None
+    device = resolve_device(cfg.trainer.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    init_process_group(device, cfg.parallel.timeout_minutes)
+    share_run_dir(cfg)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~30 s to minutes, once) that
+        # only its inference path uses; gloo serves training. DeepSpeed keeps this table for such edits.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    ds_config = deepspeed_config(cfg, device)
+    zero_init = ZeroInit(ds_config, device) if is_zero3(ds_config) and cfg.parallel.zero_init else None
+    return ParallelSetup(device=device, ds_config=ds_config, zero_init=zero_init)
+
+
 # -- checkpoints read without unpickling arbitrary objects ----------------------------------------------
 
 def _safe_deepspeed_globals() -> List[Any]:
@@ -248,23 +388,17 @@ class DeepSpeedEngine:
 
     is_distributed = True
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg: Config, setup: ParallelSetup):
         import deepspeed
-        import deepspeed.ops
         import torch.distributed as dist
 
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        if device.type == "cpu":
-            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (~30 s to minutes, once) that
-            # only its inference path uses; gloo serves training. DeepSpeed keeps this table for such edits.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg)  # groups partitioned (zero.Init) parameters by their ds_shape
         max_steps = cfg.trainer.max_steps
-        self.ds_config = deepspeed_config(cfg, device)
+        self.ds_config = setup.ds_config
+        self.zero_init = setup.zero_init  # holds the HfDeepSpeedConfig the model was built with, for its lifetime
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, max_steps, cfg.schedule))
@@ -325,6 +459,36 @@ class DeepSpeedEngine:
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # -- full weights for the in-loop eval
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds.zero_optimization_stage())
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[torch.nn.Module]:
+        """Every rank enters; within, `module` holds its full weights on every rank and its forward passes are
+        local (no collectives), for rank 0 to evaluate; the others wait at the exit. ZeRO-1/2: the weights are
+        full already, nothing to do (and nobody waits). ZeRO-3: all parameters are gathered (collective) and
+        DeepSpeed's module hooks are taken off: fetch / release, and the trace check at the start of a forward,
+        which compares the ranks (`reset_step`) and would start collectives on rank 0 alone (DeepSpeed's own
+        `unwrap_model_for_generation` leaves that one on: its generation runs on every rank). At the exit,
+        after a barrier, they are registered again (the prefetch trace is re-recorded at the next step) and the
+        parameters partitioned again, unmodified (`modifier_rank=None`)."""
+        if self.zero_stage != 3:
+            yield self.module
+            return
+        import deepspeed
+
+        offload = getattr(self.ds.optimizer, "parameter_offload", None) or self.ds.optimizer
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            offload._remove_module_hooks()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield self.module
+            finally:
+                self.barrier()  # bounded by parallel.timeout_minutes, like any collective
+                offload.setup_zero_stage3_hooks()
 
     # -- checkpoints
     def checkpoint_files(self) -> Dict[str, Callable[[str], None]]:
@@ -407,34 +571,26 @@ class DeepSpeedEngine:
         return out_dir
 
 
-def build_engine(model: torch.nn.Module, cfg: Config):
+def build_engine(model: torch.nn.Module, cfg: Config, setup: Optional[ParallelSetup] = None):
+    """The engine for `model`. `setup`: what `setup_parallel(cfg)` returned before the model was built (None
+    for a single-process run); without it, it is done here."""
     from infllm.trainer import resolve_device
 
-    rank, local_rank, world_size = launch_env()
-    check_world_size(cfg, world_size)
-    if cfg.parallel.engine == "single":
+    if setup is None:
+        setup = setup_parallel(cfg)
+    if setup is None:
         return SingleEngine(model, cfg, resolve_device(cfg.trainer.device))
-    if cfg.eval.every_steps and cfg.parallel.zero_stage == 3:
-        raise ConfigError("eval.every_steps: in-loop eval runs on rank 0 alone, which cannot work on ZeRO-3's "
-                          "partitioned weights; set eval.every_steps=0 and evaluate the exported model "
-                          "(<run>/final), or use parallel=zero2")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise ConfigError("parallel.engine=deepspeed needs the deepspeed package: pip install -r requirements.txt") \
-            from None
-    device = resolve_device(cfg.trainer.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    init_process_group(device, cfg.parallel.timeout_minutes)
-    share_run_dir(cfg)
-    engine = DeepSpeedEngine(model, cfg, device)
+    device = setup.device
+    engine = DeepSpeedEngine(model, cfg, setup)
     if engine.rank == 0:
         p, t = cfg.parallel, cfg.trainer
+        world_size = engine.world_size
         offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
-        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s, %s: global batch %d rows x %d tokens (micro-batch %d x "
+        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s%s, %s: global batch %d rows x %d tokens (micro-batch %d x "
                  "accumulation %d x ranks)", p.zero_stage, world_size, device.type,
-                 f" (offload: {', '.join(offload)})" if offload else "", "bf16" if use_bf16(cfg, device) else "fp32",
+                 f" (offload: {', '.join(offload)})" if offload else "",
+                 ", model built partitioned (zero.Init)" if setup.zero_init and setup.zero_init.used else "",
+                 "bf16" if use_bf16(cfg, device) else "fp32",
                  t.micro_batch_size * t.grad_accum_steps * world_size, t.seq_len, t.micro_batch_size,
                  t.grad_accum_steps)
     return engine

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,14 +88,16 @@ class Trainer:
     def build(cls, cfg: Config) -> "Trainer":
         from data import build_train_loader
         from infllm.model import load_model
-        from infllm.parallel import build_engine
+        from infllm.parallel import build_engine, setup_parallel
 
-        torch.manual_seed(cfg.trainer.seed)
         attn = cfg.attention
         if attn.name == "infllm_v1":
             raise ConfigError("attention.name: infllm_v1 is training-free (forward only); use it with eval.py, "
                               "and train with dense or infllm_v2")
-        model, tokenizer = load_model(cfg.model, attn)
+        # Process group, run directory and, at ZeRO-3, zero.Init: before the model, which it may partition.
+        setup = setup_parallel(cfg)
+        torch.manual_seed(cfg.trainer.seed)
+        model, tokenizer = load_model(cfg.model, attn, zero_init=setup.zero_init if setup is not None else None)
         if cfg.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -104,7 +107,7 @@ class Trainer:
 
             configure_sparse_stats(model, time_selection=True)
         _log_attention(attn, cfg.trainer.seq_len)
-        engine = build_engine(model, cfg)
+        engine = build_engine(model, cfg, setup)
         loader = build_train_loader(cfg.data, tokenizer, seq_len=cfg.trainer.seq_len,
                                     micro_batch_size=cfg.trainer.micro_batch_size, rank=engine.rank,
                                     world_size=engine.world_size, seed=cfg.trainer.seed)
@@ -266,19 +269,29 @@ class Trainer:
         return path
 
     def run_eval(self) -> Dict[str, Any]:
+        """The eval suite on rank 0. Every rank calls it: under ZeRO-3 they all gather the weights first
+        (`engine.gathered()`, a collective) and wait there until rank 0 is done; under ZeRO-1/2 rank 0 alone
+        evaluates (the weights are whole on every rank) and the others wait at the next step's first collective.
+        The torch RNG is restored afterwards, so the eval cannot change how training goes on."""
         try:
             from infllm.eval import run_suite
         except ImportError:
             log.warning("eval.every_steps is set but infllm.eval.run_suite is unavailable")
             return {}
-        model = self.engine.module
-        model.eval()
-        try:
-            out_dir = os.path.join(self.run_dir, "eval", f"step_{self.step:08d}")
-            results = run_suite(model, self.tokenizer, self.cfg.eval, out_dir, data_cfg=self.cfg.data,
-                                step=self.step, metrics_path=self.metrics.path) if self.is_main else {}
-        finally:
-            model.train()
+        engine = self.engine
+        gathered = getattr(engine, "gathered", None)
+        results: Dict[str, Any] = {}
+        with gathered() if gathered is not None else contextlib.nullcontext(engine.module) as model:
+            if self.is_main:
+                devices = [engine.device] if engine.device.type == "cuda" else []
+                model.eval()
+                try:
+                    with torch.random.fork_rng(devices=devices):
+                        out_dir = os.path.join(self.run_dir, "eval", f"step_{self.step:08d}")
+                        results = run_suite(model, self.tokenizer, self.cfg.eval, out_dir, data_cfg=self.cfg.data,
+                                            step=self.step, metrics_path=self.metrics.path)
+                finally:
+                    model.train()
         if self.is_main and results:
             flat = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
             self.metrics.log({"step": self.step, **flat})

@@ -7,12 +7,18 @@
   uninterrupted loss curve, exactly;
 - a corrupt checkpoint is refused on every rank with the file named (no rank left waiting); a truncated one and
   one written by another number of ranks are refused before loading;
+- in-loop eval under ZeRO-3 (every rank gathers the weights, rank 0 evaluates) logs the eval numbers of the one
+  process at the same step, and training goes on exactly as without it;
+- ZeRO-3 builds the model already partitioned (parallel.zero_init, zero.Init): each rank holds only its partition
+  after the load, of the weights one process loads (a random model or a checkpoint), and a run trains exactly as
+  with zero_init off;
 - a NaN loss on one rank is skipped and counted on both;
 - a wrong world size fails before training; a 2-point sweep runs each point on 2 ranks and writes its summary.
 
 A torchrun costs ~15-30 s on 2 cores (imports, DeepSpeed set-up), so the uninterrupted runs and the one-process
 reference are made once per session and shared, also by pytest-xdist workers (a file lock decides who runs them).
-The file doubles as the torchrun worker of the NaN test (`python tests/test_distributed.py nan ...`).
+The file doubles as the torchrun worker of the NaN and zero.Init tests (`python tests/test_distributed.py nan|zero_init
+...`).
 """
 import contextlib
 import fcntl
@@ -45,6 +51,9 @@ BASE = ["experiment=debug", "trainer.progress_bar=false", "trainer.seq_len=128",
         "trainer.grad_accum_steps=2", "schedule.name=cosine", "schedule.warmup_steps=2",
         f"trainer.max_steps={STEPS}", "logger=console"]
 LAUNCH_TIMEOUT = 420
+# In-loop eval in the reference and in the ZeRO-3 eval run: both attention modes, teacher-forced and generated.
+EVAL_EVERY = 3
+EVAL = ["eval=quick", f"eval.every_steps={EVAL_EVERY}", "eval.scoring=both", "eval.modes=[dense,sparse]"]
 
 
 def _env():
@@ -71,6 +80,13 @@ def metrics(run_dir, key="loss"):
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), [r["step"] for r in rows]
     return [r[key] for r in rows]
+
+
+def eval_rows(run_dir):
+    """{step: the eval metrics logged at that step} (the rows of metrics.jsonl with eval/ keys)."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows
+            if any(k.startswith("eval/") for k in r)}
 
 
 def _shared_dir(tmp_path_factory, name):
@@ -112,21 +128,22 @@ class _Interleaved:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process (SingleEngine), the 2-rank global batch: losses, lrs, grad norms and final weights."""
+    """One process (SingleEngine), the 2-rank global batch, evaluated every EVAL_EVERY steps: losses, lrs, grad
+    norms, eval metrics and final weights."""
     run = _shared_dir(tmp_path_factory, "reference")
     with _once(run) as todo:
         if todo:
             _train_reference(run)
     return {"loss": metrics(run), "lr": metrics(run, "lr"), "grad_norm": metrics(run, "grad_norm"),
-            "weights": torch.load(os.path.join(run, "weights.pt"), weights_only=True)}
+            "eval": eval_rows(run), "weights": torch.load(os.path.join(run, "weights.pt"), weights_only=True)}
 
 
 def _train_reference(run):
     from data import build_train_loader
     from infllm.trainer import Trainer
 
-    cfg = compose_config(BASE + ["parallel=single", "trainer.grad_accum_steps=4", "checkpoint.every_steps=0",
-                                 "checkpoint.save_hf=false"], output_dir=run)
+    cfg = compose_config(BASE + EVAL + ["parallel=single", "trainer.grad_accum_steps=4", "checkpoint.every_steps=0",
+                                        "checkpoint.save_hf=false"], output_dir=run)
     trainer = Trainer.build(cfg)
     loaders = [build_train_loader(cfg.data, trainer.tokenizer, seq_len=cfg.trainer.seq_len,
                                   micro_batch_size=cfg.trainer.micro_batch_size, rank=r, world_size=2,
@@ -161,7 +178,7 @@ def zero3_run(tmp_path_factory):
     with _once(run) as todo:
         if todo:
             _, out = launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=true"])
-            assert "DeepSpeed ZeRO-3 on 2 cpu ranks" in out
+            assert "DeepSpeed ZeRO-3 on 2 cpu ranks, model built partitioned (zero.Init)" in out
     return run
 
 
@@ -192,6 +209,84 @@ def test_zero3_two_ranks_match_one_process_and_export_consolidates(zero3_run, re
     assert set(exported) == set(reference["weights"])
     for name, ref in reference["weights"].items():
         torch.testing.assert_close(exported[name], ref, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_zero3_in_loop_eval_matches_one_process_and_leaves_training_unchanged(tmp_path, zero3_run, reference):
+    run = str(tmp_path / "zero3_eval")
+    launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=false", *EVAL])
+    evals = eval_rows(run)
+    assert sorted(evals) == sorted(reference["eval"]) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    for step, ref in reference["eval"].items():
+        got = evals[step]
+        assert set(got) == set(ref), set(got) ^ set(ref)
+        assert any(k.startswith("eval/sparse/") for k in ref) and any(k.endswith("/gen_acc") for k in ref)
+        for key in sorted(ref):
+            if key.endswith("seconds"):
+                continue
+            # Gathered ZeRO-3 weights are the one process's (to float rounding of the reduction order).
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), (step, key, got[key], ref[key])
+        assert os.path.isfile(os.path.join(run, "eval", f"step_{step:08d}", "eval_results.json"))
+    # The eval changed nothing: the steps after it are the run without eval's, exactly.
+    assert metrics(run) == metrics(zero3_run)
+    assert metrics(run, "grad_norm") == metrics(zero3_run, "grad_norm")
+
+
+def test_zero3_zero_init_off_trains_like_on_and_like_one_process(tmp_path, zero3_run, reference):
+    run = str(tmp_path / "zero3_full_load")
+    _, out = launch(run, ["parallel=zero3", "parallel.zero_init=false", "checkpoint.every_steps=0",
+                          "checkpoint.save_hf=false"])
+    assert "DeepSpeed ZeRO-3 on 2 cpu ranks, fp32" in out  # built in full, partitioned by deepspeed.initialize
+    assert metrics(run) == metrics(zero3_run)  # zero_init on (zero3_run): the same run, exactly
+    assert metrics(run, "grad_norm") == metrics(zero3_run, "grad_norm")
+    _assert_matches_reference(run, reference)
+
+
+def test_zero_init_each_rank_holds_only_its_partition_of_the_one_process_weights(tmp_path):
+    from infllm.engine import build_optimizer
+    from infllm.model import count_parameters, load_model
+    from infllm.trainer import save_hf
+
+    run, model_dir = str(tmp_path / "zero_init"), str(tmp_path / "model")
+    expected = {}
+    for kind in ("random", "checkpoint"):
+        cfg = compose_config(_zero_init_overrides(kind, model_dir, "parallel=single"))
+        torch.manual_seed(cfg.trainer.seed)
+        model, tokenizer = load_model(cfg.model, cfg.attention)
+        names = {id(p): n for n, p in model.named_parameters()}
+        expected[kind] = {"rng": torch.rand(3).tolist(), "count": count_parameters(model),
+                          "groups": [sorted(names[id(p)] for p in g["params"])
+                                     for g in build_optimizer(model, cfg).param_groups],
+                          "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        if kind == "random":  # the checkpoint: this same seeded model, saved
+            save_hf(model, tokenizer, model_dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.abspath(__file__), "zero_init", run, model_dir]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    for kind, exp in expected.items():
+        for rank in (0, 1):
+            report = json.load(open(os.path.join(run, f"{kind}_rank{rank}.json")))
+            assert report["attention"] == "infllm_v2", report["attention"]
+            assert report["count"] == exp["count"]  # counted by full sizes (ds_numel)
+            assert set(report["params"]) == set(exp["weights"])
+            for name, info in report["params"].items():
+                numel = exp["weights"][name].numel()
+                # Nothing but the rank's half (padded to an even size) of every parameter is held.
+                assert info == {"partitioned": True, "numel": 0, "ds_numel": numel, "local": -(-numel // 2)}, \
+                    (kind, rank, name, info)
+            # zero.Init leaves the RNG as the one process's load does; weight decay groups by the full shapes.
+            assert report["rng"] == exp["rng"], (kind, rank)
+            assert report["groups"] == exp["groups"], (kind, rank)
+        gathered = torch.load(os.path.join(run, f"{kind}_weights.pt"), weights_only=True)
+        assert set(gathered) == set(exp["weights"])
+        for name, ref in exp["weights"].items():
+            assert torch.equal(gathered[name], ref), (kind, name)
+
+
+def _zero_init_overrides(kind, model_dir, parallel):
+    model = [] if kind == "random" else [f"model.path={model_dir}", "model.random_init=false"]
+    return BASE + [parallel, *model]
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
@@ -362,6 +457,47 @@ def _nan_worker(run_dir, overrides):
                    "deepspeed_skipped_steps": engine.ds.skipped_steps}, f)
 
 
+def _zero_init_worker(run_dir, model_dir):
+    """torchrun worker: load the random model and its saved copy under zero.Init (parallel=zero3); each rank
+    reports what every parameter holds right after the load, the parameter count, the optimizer's weight-decay
+    groups and the RNG; rank 0 writes the gathered weights."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from infllm.engine import build_optimizer
+    from infllm.model import count_parameters, load_model
+    from infllm.parallel import is_partitioned, setup_parallel
+
+    os.makedirs(run_dir, exist_ok=True)
+    setup = None
+    for kind in ("random", "checkpoint"):
+        cfg = compose_config(_zero_init_overrides(kind, model_dir, "parallel=zero3"), output_dir=run_dir)
+        setup = setup or setup_parallel(cfg)
+        assert setup.zero_init is not None
+        torch.manual_seed(cfg.trainer.seed)
+        model, _ = load_model(cfg.model, cfg.attention, zero_init=setup.zero_init)
+        rng = torch.rand(3).tolist()
+        params = {name: {"partitioned": is_partitioned(p), "numel": p.numel(), "ds_numel": p.ds_numel,
+                         "local": p.ds_tensor.numel()} for name, p in model.named_parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        # Weight decay is grouped by the full shape (ds_shape), not the empty placeholder a partition leaves.
+        groups = [sorted(names[id(p)] for p in g["params"]) for g in build_optimizer(model, cfg).param_groups]
+        assert all(p.numel() == 0 for p in model.parameters())
+        weights = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                weights[name] = p.detach().clone()
+        rank = dist.get_rank()
+        if rank == 0:
+            torch.save(weights, os.path.join(run_dir, f"{kind}_weights.pt"))
+        with open(os.path.join(run_dir, f"{kind}_rank{rank}.json"), "w") as f:
+            json.dump({"params": params, "count": count_parameters(model), "groups": groups, "rng": rng,
+                       "attention": model.config._attn_implementation}, f)
+
+
 if __name__ == "__main__":
-    assert sys.argv[1] == "nan", sys.argv
-    _nan_worker(sys.argv[2], sys.argv[3:])
+    if sys.argv[1] == "zero_init":
+        _zero_init_worker(sys.argv[2], sys.argv[3])
+    else:
+        assert sys.argv[1] == "nan", sys.argv
+        _nan_worker(sys.argv[2], sys.argv[3:])
