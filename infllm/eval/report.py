@@ -70,7 +70,6 @@ def _pct(x: float) -> str:
 
 
 def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Dict[str, Any]) -> str:
-    lengths = sorted({r["length"] for r in records} | {p["length"] for p in ppl.values()})
     modes = sorted({r["mode"] for r in records} | set(ppl), key=lambda m: ("dense", "sparse", "model").index(m))
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lines = ["# Long-context eval", ""]
