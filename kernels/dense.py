@@ -42,9 +42,23 @@ def sdpa_causal(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
                                           enable_gqa=group > 1)
 
 
+# The last boundaries read to the host: (the cu_seqlens tensor, its version counter, the list). Every layer of a
+# forward passes the same cu_seqlens tensor, so the SDPA fallback syncs once per forward, not once per layer.
+_host_bounds_cache: tuple | None = None
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    global _host_bounds_cache
+    cached = _host_bounds_cache
+    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version:
+        return cached[2]
+    bounds = cu_seqlens.tolist()  # the one host read of this fallback (no flash-attn)
+    _host_bounds_cache = (cu_seqlens, cu_seqlens._version, bounds)
+    return bounds
+
+
 def _sdpa_per_document(q_NHD, k_NHD, v_NHD, cu_seqlens, scale):
-    # One host read of the boundaries: this fallback (no flash-attn) syncs once per call.
-    bounds = cu_seqlens.tolist()
+    bounds = _host_bounds(cu_seqlens)
     outs = []
     for start, end in zip(bounds, bounds[1:]):
         if end == start:

@@ -385,3 +385,29 @@ def _bad_cases():
 def test_bad_inputs_raise_errors_naming_the_argument(name, call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_dense_sdpa_fallback_reads_the_bounds_once_per_tensor(monkeypatch):
+    """The SDPA fallback reads cu_seqlens to the host once for a given tensor (every layer of a forward passes
+    the same one), and again when the tensor or its contents change."""
+    import kernels.dense as dense_mod
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        reads.append(self.numel())
+        return real_tolist(self)
+
+    q, k, v = (torch.randn(10, 2, 16), torch.randn(10, 1, 16), torch.randn(10, 1, 16))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    first = dense_mod._sdpa_per_document(q, k, v, cu, 0.25)
+    for _ in range(3):
+        torch.testing.assert_close(dense_mod._sdpa_per_document(q, k, v, cu, 0.25), first)
+    assert reads == [3]
+    cu[1] = 6  # in place: a new version, read again
+    dense_mod._sdpa_per_document(q, k, v, cu, 0.25)
+    other = torch.tensor([0, 4, 10], dtype=torch.int32)
+    torch.testing.assert_close(dense_mod._sdpa_per_document(q, k, v, other, 0.25), first)
+    assert reads == [3, 3, 3]
