@@ -303,25 +303,17 @@ def run_case(name, cfg, args, results):
     # Where the sparse time goes: index building on the host side (torch ops on the GPU).
     if on_gpu and not cfg["fwd_only"]:
         group = h_q // h_kv
-        rows_, tok, mode = attn._sparse_plan(group)
 
         def index():
             bd, bs, fb = attn._tiles(cu, n, sel["block_size"])
             qt, off = attn._inverted_index(block_idx, cu, fb, bd.numel())
             attn._list_chunks(off, qt.numel(), attn.TUNING["dkdv_chunk"])
         record("inv-index", "bwd", index, 0)
-        if mode == 1:
-            def unions():
-                td, ts, _ = attn._tiles(cu, n, tok)
-                attn._tile_unions(block_idx, cu, td, ts, tok, seqlen, sel["block_size"])
-            record("tile-unions", "fwd", unions, 0)
-            td, ts, _ = attn._tiles(cu, n, tok)
-            _, _, count = attn._tile_unions(block_idx, cu, td, ts, tok, seqlen, sel["block_size"])
-            valid = td >= 0
-            mean_union = float(count[:, valid].float().mean().item())
-            rows.append(dict(case=name, impl="union-stats", pass_="-", mean_union_blocks=mean_union,
-                             tokens_per_tile=tok, k_eff=k_eff, union_over_keff=mean_union / k_eff))
-            print(f"  {name:32s} union of {tok} tokens: {mean_union:.1f} blocks on average (k_eff {k_eff})")
+        record("query-walks", "fwd", lambda: attn._query_walks(block_idx, cu, n, seqlen, sel["block_size"], group,
+                                                               -1, 0), 0)
+        stats = pack_stats(block_idx, cu, n, seqlen, group)
+        rows.append(dict(case=name, impl="pack-stats", pass_="-", k_eff=k_eff, **stats))
+        print(f"  {name:32s} tiles: {stats}")
     if on_gpu and name in args.profile.split(",") and not cfg["fwd_only"]:
         from torch.profiler import ProfilerActivity, profile
 
@@ -353,18 +345,18 @@ SWEEP = {
     "default": {},
     "pointer-kv": {"kv_tma": False},
 }
-# Query-tile rows: 16 (one token of G = 16 heads, or 16 // G tokens) against 64 (tokens packed over the union
-# of their blocks), for G = 16 and G < 16.
-SWEEP_ROWS = {"rows16": {"sparse_rows": 16, "sparse_rows_small_g": 16},
-              "rows64": {"sparse_rows": 64, "sparse_rows_small_g": 64}}
-SWEEP_ROWS_CASES = ("minicpm4-32kx8-64blk-smooth", "llama3-32kx8-64blk-smooth", "llama3-32kx8-64blk",
-                    "smollm2-32kx8-64blk")
+# Query-tile packing (attention.TUNING["pack_cost"]): every tile narrow (16 rows: one token of G = 16 heads, or
+# 16 // G tokens over their union), every tile wide (64 rows over the union of 4 x G = 16 or 16 x G = 4 tokens),
+# and the per-tile decision at several costs; random and smooth data, G = 16, 4 and 3.
+SWEEP_PACK = {"narrow": {"pack_cost": float("inf")}, "wide": {"pack_cost": 0.0},
+              "cost1.2": {"pack_cost": 1.2}, "cost1.7": {"pack_cost": 1.7}, "cost2.5": {"pack_cost": 2.5}}
+SWEEP_PACK_CASES = ("minicpm4-32kx8-64blk", "minicpm4-32kx8-64blk-smooth", "llama3-32kx8-64blk",
+                    "llama3-32kx8-64blk-smooth", "smollm2-32kx8-64blk", "smollm2-32kx8-64blk-smooth")
 
 
 def sweep(args, results):
-    """Times the sparse attention alone under each SWEEP variant (MiniCPM4 shape, 32k x 8, random data), keeps
-    the fastest fwd+bwd as the TUNING of the rest of the run, then compares 16- and 64-row query tiles (token
-    packing over the union of selections) on smooth data for G = 16 and G = 4."""
+    """Times the sparse attention alone under each SWEEP variant (MiniCPM4 shape, 32k x 8, random data) and keeps
+    the fastest fwd+bwd as the TUNING of the rest of the run."""
     import copy
 
     base = copy.deepcopy(attn.TUNING)
@@ -405,35 +397,65 @@ def sweep(args, results):
     if best is not None:
         attn.TUNING.update(SWEEP[best])
     print(f"  sweep: keeping '{best}' for the rest of the run", flush=True)
+    torch.cuda.empty_cache()
+    return best
+
+
+def sweep_pack(args, results):
+    """Times the sparse attention alone (fwd+bwd) under each SWEEP_PACK variant; TUNING is left unchanged."""
+    import copy
+
     tuned = copy.deepcopy(attn.TUNING)
-    for case in SWEEP_ROWS_CASES:
+    for case in SWEEP_PACK_CASES:
         cfg = CASES[case]
         q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
         sel = SELECTIONS[cfg["sel"]]
         with torch.no_grad():
             block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
         do = torch.randn_like(q)
-        for name, over in SWEEP_ROWS.items():
+        for name, over in SWEEP_PACK.items():
             attn.TUNING.update(over)
-            row = dict(case=case, impl="sweep-rows", variant=name, tuning=str(over))
+            row = dict(case=case, impl="sweep-pack", variant=name, tuning=str(over))
             try:
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
+                def fwd():
+                    return attn.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64)
+
                 def fb():
                     qg.grad = kg.grad = vg.grad = None
-                    attn.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64).backward(do)
+                    fwd().backward(do)
                 fb()
-                row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1500)
+                with torch.no_grad():
+                    row["fwd_ms"] = time_ms(fwd, budget_ms=600)
+                row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1200)
+                row.update(pack_stats(block_idx, cu, q.shape[0], cfg["seqlen"], q.shape[1] // k.shape[1]))
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            print(f"  sweep {case} {name:8s} fwd+bwd {row.get('fwd_bwd_ms', float('nan')):8.2f} ms "
+            print(f"  pack {case:30s} {name:8s} fwd {row.get('fwd_ms', float('nan')):8.2f} fwd+bwd "
+                  f"{row.get('fwd_bwd_ms', float('nan')):8.2f} ms  wide share {row.get('wide_share', 0):.2f} "
                   f"{row.get('error', '')[:300]}", flush=True)
             results.append(row)
-        attn.TUNING.clear()
-        attn.TUNING.update(copy.deepcopy(tuned))
+            attn.TUNING.clear()
+            attn.TUNING.update(copy.deepcopy(tuned))
         del q, k, v, do, block_idx
-    torch.cuda.empty_cache()
-    return best
+        torch.cuda.empty_cache()
+
+
+def pack_stats(block_idx, cu, n, seqlen, group):
+    """Mean union sizes of the narrow and wide query tiles and the share of wide tiles the decision picks."""
+    (_, tok_n), wide = attn._sparse_plan(group)
+    stats = {"tokens_narrow": tok_n}
+    walks = attn._query_walks(block_idx, cu, n, seqlen, 64, group, -1, 0)
+    tiles_n = walks[-1][3]
+    _, _, _, count_n = attn._walk_lists(block_idx, cu, tiles_n, walks[-1][4], tok_n, seqlen, 64)
+    stats["mean_narrow_blocks"] = float(count_n[:, tiles_n >= 0].float().mean().item())
+    if wide is not None:
+        tiles_w, skip_w = walks[0][3], walks[0][6]
+        _, _, _, count_w = attn._walk_lists(block_idx, cu, tiles_w, walks[0][4], wide[1], seqlen, 64)
+        stats.update(tokens_wide=wide[1], mean_wide_blocks=float(count_w[:, tiles_w >= 0].float().mean().item()),
+                     wide_share=float((skip_w[:, tiles_w >= 0] == 0).float().mean().item()))
+    return stats
 
 
 def _cpu_ms(fn):
@@ -480,6 +502,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the Triton interpreter")
     ap.add_argument("--profile", default="", help="comma-separated cases whose infllm fwd+bwd is profiled")
     ap.add_argument("--sweep", action="store_true", help="try launch variants first, keep the fastest")
+    ap.add_argument("--sweep-pack", action="store_true", help="time the query-tile packing variants first")
     ap.add_argument("--tuning", default="", help="JSON dict merged into kernels.infllm_v2.attention.TUNING")
     args = ap.parse_args()
     if args.tuning:
@@ -511,6 +534,9 @@ def main():
         print(f"[{time.time() - t0:6.1f}s] sweep", flush=True)
         meta["sweep_best"] = sweep(args, results)
         meta["tuning"] = {k: str(v) for k, v in attn.TUNING.items()}
+    if args.sweep_pack and args.device == "cuda":
+        print(f"[{time.time() - t0:6.1f}s] sweep of the tile packing", flush=True)
+        sweep_pack(args, results)
     out = args.out or (os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT")
                        else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)

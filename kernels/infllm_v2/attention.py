@@ -14,11 +14,14 @@ block_idx), NT query tiles, NBT key-block tiles, U = union slots of a tile.
 
 Layout of the work
 - Query tile = `tok` neighbouring tokens of one document x the G heads of one KV head: rows r = token * G + head,
-  BLOCK_M = next power of two >= tok * G (>= 16, the smallest tensor-core tile). With G >= 16 a tile is one token
-  and walks its own block_idx row. With G < 16 it packs up to 16 tokens (64 rows by default) and walks the UNION
-  of their selected blocks, each row masked to the blocks its own token selected (a per-block membership
-  bitmask), instead of repeating heads up to 16. The unions come from a small Triton kernel (sort of
-  (block, token) keys + a distinct-count scan), ids ascending.
+  BLOCK_M = next power of two >= tok * G (>= 16, the smallest tensor-core tile). A tile of one token (G >= 16)
+  walks its own block_idx row; a tile of several tokens walks the UNION of their selected blocks, each row
+  masked to the blocks its own token selected (a per-block membership bitmask), instead of repeating heads up
+  to 16. The unions come from a small Triton kernel (sort of (block, token) keys + a distinct-count scan), ids
+  ascending. Two tile sizes, decided per tile and KV head on the GPU: a "wide" tile (64 rows, e.g. 4 tokens of
+  G = 16 or 16 of G = 4) walks its union when that union is small enough (neighbouring tokens picked
+  overlapping blocks, as in trained models), else its "narrow" sub-tiles (16 rows) walk their own. Both are
+  static launches; each program reads a skip flag first, so nothing is read back to the host.
 - Forward and dQ: one program per (query tile, KV head), online softmax in base 2, LSE kept for the backward;
   K/V blocks arrive through TMA descriptors (TUNING["kv_tma"]). The dQ kernel also computes
   delta = rowsum(dO * O) once per row and stores it for the dK/dV kernel.
@@ -59,8 +62,12 @@ _LOG2E = 1.4426950408889634
 
 # Launch parameters; the benchmark may override them (names as in the kernels).
 TUNING = {
-    "sparse_rows": 16,          # BLOCK_M of the sparse forward / dQ tile (rows = tokens x G heads), G >= 16
-    "sparse_rows_small_g": 64,  # the same for G < 16 (tokens packed over the union of their blocks)
+    # Sparse forward / dQ tiles (rows = tokens x G heads): each "wide" tile of neighbouring tokens walks the union
+    # of their blocks when that costs less than its "narrow" sub-tiles walking their own (smaller) unions, decided
+    # per tile and KV head on the GPU: wide iff union_wide * pack_cost <= sum of the narrow unions.
+    "narrow_rows": 16,          # rows of a narrow tile (one token for G >= 16; 16 // G tokens below)
+    "wide_rows": 64,            # rows of a wide tile (at most 16 tokens: membership bits stay small)
+    "pack_cost": 1.7,           # cost of one block walked by a wide tile relative to a narrow one
     "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
     "dkdv_rows": 128,           # query rows per step of the dK/dV loop
     "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
@@ -96,18 +103,22 @@ def _tile_rows(group: int, target_rows: int) -> tuple[int, int]:
 def _fwd_kernel(
     Q, K, V, O, LSE, K_DESC, V_DESC,
     CU, TILE_DOC, TILE_START,
-    LIST, MASKS, COUNT,
+    LIST, MASKS, COUNT, SKIP,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, dense_len, dense_min,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_TMA: tl.constexpr,
+    KV_TMA: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # KV_TMA: K/V blocks through tensor descriptors (TMA on Hopper) instead of pointer tiles; rows past the
     # document end are then read from the next document (or zero-filled past N) and masked out by causality.
     # MODE 0: one token per tile, its own block_idx row; 1: union of the tile's tokens; 2: dense documents.
+    # HAS_SKIP: SKIP[g, tile] != 0 leaves the tile to the other sparse launch (wide / narrow tiles).
     pid = tl.program_id(0)
     g = tl.program_id(1)
+    if HAS_SKIP:
+        if tl.load(SKIP + g * n_tiles + pid) != 0:
+            return
     doc = tl.load(TILE_DOC + pid)
     if doc < 0:
         return
@@ -201,17 +212,20 @@ def _fwd_kernel(
 def _dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, K_DESC, V_DESC,
     CU, TILE_DOC, TILE_START,
-    LIST, MASKS, COUNT,
+    LIST, MASKS, COUNT, SKIP,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     stride_don, stride_doh, stride_dqn, stride_dqh,
     list_stride_h, list_stride_row, n_tiles, n_tokens, n_heads_q, qk_scale, sm_scale, dense_len, dense_min,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    KV_TMA: tl.constexpr,
+    KV_TMA: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     # Same tiles and block walk as _fwd_kernel; dQ = scale * sum_blocks dS K with dS = P * (dO V^T - delta).
     pid = tl.program_id(0)
     g = tl.program_id(1)
+    if HAS_SKIP:
+        if tl.load(SKIP + g * n_tiles + pid) != 0:
+            return
     doc = tl.load(TILE_DOC + pid)
     if doc < 0:
         return
@@ -600,13 +614,50 @@ def _check_kernel_shapes(head_dim: int, block_size: int) -> None:
         raise ValueError(f"block_size: the Triton kernel needs a power of two in [16, 128], got {block_size}")
 
 
-def _sparse_plan(group: int):
-    """(BLOCK_M, tokens per tile, mode) of the sparse query walk. One token of G >= 16 heads fills a tile; smaller
-    groups pack up to 16 tokens (membership bits and the union sort stay small) over the union of their blocks."""
-    target = TUNING["sparse_rows"] if group >= 16 else TUNING["sparse_rows_small_g"]
-    tok = max(1, min(target // group, 16))
-    rows = max(16, triton.next_power_of_2(tok * group))
-    return rows, tok, (0 if tok == 1 else 1)
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def _sparse_plan(group: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(rows, tokens) of the narrow sparse query tile and of the wide one (None when it would be the same).
+    Token counts are powers of two (a wide tile is whole narrow tiles), at most 16 (membership bits and the union
+    sort stay small). G >= 16: a narrow tile is one token and walks its own block_idx row."""
+    def tile(target_rows: int) -> tuple[int, int]:
+        tok = _pow2_floor(min(max(1, target_rows // group), 16))
+        return max(16, triton.next_power_of_2(tok * group)), tok
+
+    narrow, wide = tile(TUNING["narrow_rows"]), tile(TUNING["wide_rows"])
+    return narrow, (wide if wide[1] > narrow[1] else None)
+
+
+def _walk_lists(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size):
+    """(mode, kernel list args, their strides, per-tile block count [H, NT]) of a sparse walk over these tiles."""
+    if tok == 1:
+        valid_slots = (block_idx >= 0).sum(-1, dtype=torch.int32)                       # [H, N]
+        count = valid_slots[:, tile_start.clamp(min=0).long()]                           # [H, NT]
+        return 0, (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1)), count
+    uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size)
+    return 1, (uid, umask, count), (uid.stride(0), uid.stride(1)), count
+
+
+def _pack_decision(cu_seqlens, narrow_tiles, narrow_count, wide_tiles, wide_count, tok_wide):
+    """Per (KV head, wide tile): walk the wide union (skip flags of the narrow tiles inside set) or the narrow
+    sub-tiles (skip flag of the wide tile set). Wide iff wide_count * pack_cost <= the sum of the narrow counts.
+    Returns int8 skip tables ([H, NT_wide], [H, NT_narrow]); torch ops on the device, static shapes."""
+    n_doc, n_start = narrow_tiles
+    w_first = wide_tiles[2]
+    n_wide = wide_tiles[0].numel()
+    valid = n_doc >= 0
+    doc = n_doc.clamp(min=0).long()
+    cu = cu_seqlens.to(torch.int64)
+    parent = w_first[doc] + (n_start.long() - cu[doc]) // tok_wide                    # [NT_narrow]
+    parent = torch.where(valid, parent, n_wide)                                       # invalid -> spare column
+    narrow_sum = torch.zeros((narrow_count.shape[0], n_wide + 1), dtype=torch.float32, device=cu.device)
+    narrow_sum.index_add_(1, parent, narrow_count.to(torch.float32))
+    use_wide = wide_count.to(torch.float32) * TUNING["pack_cost"] <= narrow_sum[:, :n_wide]   # [H, NT_wide]
+    use_wide = torch.cat([use_wide, torch.zeros_like(use_wide[:, :1])], dim=1)
+    skip_narrow = use_wide[:, parent]
+    return (~use_wide[:, :n_wide]).to(torch.int8).contiguous(), skip_narrow.to(torch.int8).contiguous()
 
 
 def _launch_opts(kind: str, head_dim: int) -> dict:
@@ -624,20 +675,25 @@ def _any_dense(dense_len: int, dense_min: int, max_seqlen: int) -> bool:
 
 
 def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
-    """The (mode, rows, tokens per tile, tile tables, block lists) of each query-side launch."""
+    """Query-side launches: (mode, rows, tokens per tile, tile_doc, tile_start, (lists, strides), skip, kind)."""
     walks = []
-    rows, tok, mode = _sparse_plan(group)
-    tile_doc, tile_start, _ = _tiles(cu_seqlens, n_tokens, tok)
-    if mode == 0:
-        lists = (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1))
-    else:
-        uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size)
-        lists = (uid, umask, count), (uid.stride(0), uid.stride(1))
-    walks.append((mode, rows, tok, tile_doc, tile_start, lists, "fwd"))
+    (rows_n, tok_n), wide = _sparse_plan(group)
+    tiles_n = _tiles(cu_seqlens, n_tokens, tok_n)
+    mode_n, lists_n, strides_n, count_n = _walk_lists(block_idx, cu_seqlens, tiles_n[0], tiles_n[1], tok_n,
+                                                      max_seqlen, block_size)
+    skip_n = None
+    if wide is not None:
+        rows_w, tok_w = wide
+        tiles_w = _tiles(cu_seqlens, n_tokens, tok_w)
+        _, lists_w, strides_w, count_w = _walk_lists(block_idx, cu_seqlens, tiles_w[0], tiles_w[1], tok_w,
+                                                     max_seqlen, block_size)
+        skip_w, skip_n = _pack_decision(cu_seqlens, tiles_n[:2], count_n, tiles_w, count_w, tok_w)
+        walks.append((1, rows_w, tok_w, tiles_w[0], tiles_w[1], (lists_w, strides_w), skip_w, "fwd"))
+    walks.append((mode_n, rows_n, tok_n, tiles_n[0], tiles_n[1], (lists_n, strides_n), skip_n, "fwd"))
     if _any_dense(dense_len, dense_min, max_seqlen):
         rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
         doc_d, start_d, _ = _tiles(cu_seqlens, n_tokens, tok_d)
-        walks.append((2, rows_d, tok_d, doc_d, start_d, ((tile_doc, tile_doc, tile_doc), (0, 0)), "dense"))
+        walks.append((2, rows_d, tok_d, doc_d, start_d, ((doc_d, doc_d, doc_d), (0, 0)), None, "dense"))
     return walks
 
 
@@ -663,17 +719,17 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
     if n_tokens == 0:
         return out, lse
     prec = _dot_precision(q.dtype)
-    for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
-                                                                           max_seqlen, block_size, group,
-                                                                           dense_len, dense_min):
+    for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in _query_walks(
+            block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
         n_tiles = tile_doc.numel()
         _fwd_kernel[(n_tiles, h_kv)](
             q, k, v, out, lse, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
+            tile_doc if skip is None else skip,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len, dense_min,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            KV_TMA=TUNING["kv_tma"], **_launch_opts(kind if kind == "dense" else "fwd", d),
+            KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None, **_launch_opts(kind, d),
         )
     return out, lse
 
@@ -691,18 +747,19 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     do = do.contiguous()
     prec = _dot_precision(q.dtype)
     delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
-    for mode, rows, tok, tile_doc, tile_start, lists, kind in _query_walks(block_idx, cu_seqlens, n_tokens,
-                                                                           max_seqlen, block_size, group,
-                                                                           dense_len, dense_min):
+    for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in _query_walks(
+            block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
-            q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start, *lists[0],
+            q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start,
+            *lists[0], tile_doc if skip is None else skip,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len, dense_min,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            KV_TMA=TUNING["kv_tma"], **_launch_opts("dense" if kind == "dense" else "dq", d),
+            KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None,
+            **_launch_opts("dense" if kind == "dense" else "dq", d),
         )
 
     blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)

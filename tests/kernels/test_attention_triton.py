@@ -264,7 +264,7 @@ def test_kv_through_pointer_tiles(nan_poison, monkeypatch):
     """The pointer-tile variant of the forward / dQ block walks (the default reads K/V through TMA
     descriptors), with dense and sparse documents, G = 4 token packing and 16-row tiles."""
     monkeypatch.setitem(attn.TUNING, "kv_tma", False)
-    monkeypatch.setitem(attn.TUNING, "sparse_rows_small_g", 16)
+    monkeypatch.setitem(attn.TUNING, "wide_rows", 16)
     _run_case(([61, 9, 30], 8, 2, 64, 16, 3, 20), torch.float32, seed=2)
 
 
@@ -292,3 +292,56 @@ def test_union_kernel_matches_torch_tables(tok):
     used = torch.arange(n_slots, device=DEVICE)[None, None, :] < count[..., None]
     assert torch.equal(torch.where(used, uid, -1), torch.where(used, ref_uid, -1))
     assert torch.equal(torch.where(used, umask, 0), torch.where(used, ref_umask, 0))
+
+
+def _local_selection(h_kv, T, block_size, k_slots):
+    """int32 [H_kv, T, K]: every token lists block 0 and its current block (neighbouring tokens share them)."""
+    c = torch.arange(T) // block_size
+    ids = torch.full((h_kv, T, k_slots), -1, dtype=torch.int32)
+    ids[:, :, 0] = 0
+    ids[:, :, 1] = torch.where(c > 0, c, -1).to(torch.int32)
+    return ids.to(DEVICE)
+
+
+@pytest.mark.parametrize("group,h_kv", [(16, 1), (4, 2), (3, 2)])
+@pytest.mark.parametrize("pack_cost", [0.0, 3.0, float("inf")])
+def test_wide_and_narrow_tiles(group, h_kv, pack_cost, nan_poison, monkeypatch):
+    """Per-tile packing decision: every tile wide (pack_cost 0), every tile narrow (inf), or a mix (3.0: the
+    document of shared local selections packs, the random one mostly not); same outputs and gradients."""
+    monkeypatch.setitem(attn.TUNING, "pack_cost", pack_cost)
+    lens, d, block_size, k_slots = [90, 300], 64, 16, 4
+    gen = torch.Generator().manual_seed(8)
+    block_idx = torch.cat([_local_selection(h_kv, lens[0], block_size, k_slots),
+                           random_selection(h_kv, lens[1:], block_size, k_slots, gen)], dim=1)
+    cu = _cu(lens)
+    walks = attn._query_walks(block_idx, cu, sum(lens), max(lens), block_size, group, -1, 0)
+    wide, narrow = walks[0], walks[1]
+    skip_w = wide[6][:, wide[3] >= 0]                       # wide tiles that exist
+    if pack_cost == 0.0:
+        assert not skip_w.any()
+    elif pack_cost == float("inf"):
+        assert skip_w.all()
+    else:
+        assert not skip_w.all() and skip_w.any(), "expected both wide and narrow tiles"
+    # Every token is walked exactly once: narrow tiles skip iff their wide tile does not.
+    assert narrow[6] is not None
+    inputs = _inputs(lens, group * h_kv, h_kv, d, gen)
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
+                               block_size=block_size)
+    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
+                                  dense_len=-1)
+    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
+def test_sparse_plan_tile_sizes():
+    """Narrow / wide tile (rows, tokens) per group size: wide tiles are whole narrow tiles, at most 16 tokens."""
+    plans = {g: attn._sparse_plan(g) for g in (1, 2, 3, 4, 7, 8, 16, 32, 64)}
+    assert plans[16] == ((16, 1), (64, 4))
+    assert plans[4] == ((16, 4), (64, 16))
+    assert plans[3] == ((16, 4), (64, 16))
+    assert plans[8] == ((16, 2), (64, 8))
+    assert plans[1] == ((16, 16), None)
+    assert plans[64] == ((64, 1), None)
+    for (rows_n, tok_n), wide in plans.values():
+        if wide is not None:
+            assert wide[1] % tok_n == 0 and wide[1] <= 16
