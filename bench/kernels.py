@@ -406,7 +406,7 @@ def sweep_pack(args, results):
     import copy
 
     tuned = copy.deepcopy(attn.TUNING)
-    for case in SWEEP_PACK_CASES:
+    for case in (args.pack_cases.split(",") if args.pack_cases else SWEEP_PACK_CASES):
         cfg = CASES[case]
         q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
         sel = SELECTIONS[cfg["sel"]]
@@ -503,11 +503,18 @@ def main():
     ap.add_argument("--profile", default="", help="comma-separated cases whose infllm fwd+bwd is profiled")
     ap.add_argument("--sweep", action="store_true", help="try launch variants first, keep the fastest")
     ap.add_argument("--sweep-pack", action="store_true", help="time the query-tile packing variants first")
+    ap.add_argument("--pack-variants", default="", help="JSON {name: TUNING overrides} replacing SWEEP_PACK")
+    ap.add_argument("--pack-cases", default="", help="comma-separated cases of the packing sweep")
     ap.add_argument("--tuning", default="", help="JSON dict merged into kernels.infllm_v2.attention.TUNING")
     args = ap.parse_args()
+    def tuning(text):
+        return {key: ({int(a): tuple(b) for a, b in val.items()} if isinstance(val, dict) else val)
+                for key, val in json.loads(text).items()}
     if args.tuning:
-        for key, val in json.loads(args.tuning).items():
-            attn.TUNING[key] = {int(a): tuple(b) for a, b in val.items()} if isinstance(val, dict) else val
+        attn.TUNING.update(tuning(args.tuning))
+    if args.pack_variants:
+        SWEEP_PACK.clear()
+        SWEEP_PACK.update({name: tuning(json.dumps(over)) for name, over in json.loads(args.pack_variants).items()})
     args.dense_cache = {}
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -67,7 +67,7 @@ TUNING = {
     # per tile and KV head on the GPU: wide iff union_wide * pack_cost <= sum of the narrow unions.
     "narrow_rows": 16,          # rows of a narrow tile (one token for G >= 16; 16 // G tokens below)
     "wide_rows": 64,            # rows of a wide tile (at most 16 tokens: membership bits stay small)
-    "pack_cost": 1.7,           # cost of one block walked by a wide tile relative to a narrow one
+    "pack_cost": 1.2,           # cost of one block walked by a wide tile relative to a narrow one
     "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
     "dkdv_rows": 128,           # query rows per step of the dK/dV loop
     "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
@@ -75,6 +75,8 @@ TUNING = {
     # (num_warps, num_stages) per kernel kind and head dim; nothing spills (ptxas report, sm_90).
     "fwd": {64: (4, 2), 128: (4, 2)},
     "dq": {64: (4, 2), 128: (4, 2)},
+    "fwd_wide": {64: (4, 2), 128: (4, 3)},
+    "dq_wide": {64: (4, 2), 128: (4, 2)},
     "dense": {64: (4, 3), 128: (8, 2)},
     "dkdv": {64: (8, 2), 128: (8, 2)},
 }
@@ -688,7 +690,7 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group,
         _, lists_w, strides_w, count_w = _walk_lists(block_idx, cu_seqlens, tiles_w[0], tiles_w[1], tok_w,
                                                      max_seqlen, block_size)
         skip_w, skip_n = _pack_decision(cu_seqlens, tiles_n[:2], count_n, tiles_w, count_w, tok_w)
-        walks.append((1, rows_w, tok_w, tiles_w[0], tiles_w[1], (lists_w, strides_w), skip_w, "fwd"))
+        walks.append((1, rows_w, tok_w, tiles_w[0], tiles_w[1], (lists_w, strides_w), skip_w, "wide"))
     walks.append((mode_n, rows_n, tok_n, tiles_n[0], tiles_n[1], (lists_n, strides_n), skip_n, "fwd"))
     if _any_dense(dense_len, dense_min, max_seqlen):
         rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
@@ -729,7 +731,8 @@ def _forward(q, k, v, block_idx, cu_seqlens, max_seqlen, block_size, scale, dens
             out.stride(0), out.stride(1), *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, dense_len, dense_min,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None, **_launch_opts(kind, d),
+            KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None,
+            **_launch_opts({"fwd": "fwd", "wide": "fwd_wide", "dense": "dense"}[kind], d),
         )
     return out, lse
 
@@ -759,7 +762,7 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
             SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
             KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None,
-            **_launch_opts("dense" if kind == "dense" else "dq", d),
+            **_launch_opts({"fwd": "dq", "wide": "dq_wide", "dense": "dense"}[kind], d),
         )
 
     blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)
