@@ -69,7 +69,7 @@ TUNING = {
     "wide_rows": 64,            # rows of a wide tile (at most 16 tokens: membership bits stay small)
     "pack_cost": 1.2,           # cost of one block walked by a wide tile relative to a narrow one
     "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
-    "dkdv_rows": 128,           # query rows per step of the dK/dV loop
+    "dkdv_rows": 64,            # query rows per step of the dK/dV loop
     "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
     "kv_tma": True,             # K/V blocks of the forward / dQ walks through TMA descriptors
     # (num_warps, num_stages) per kernel kind and head dim; nothing spills (ptxas report, sm_90).
@@ -78,7 +78,7 @@ TUNING = {
     "fwd_wide": {64: (4, 2), 128: (4, 3)},
     "dq_wide": {64: (4, 2), 128: (4, 2)},
     "dense": {64: (4, 3), 128: (8, 2)},
-    "dkdv": {64: (8, 2), 128: (8, 2)},
+    "dkdv": {64: (4, 3), 128: (4, 3)},
 }
 
 

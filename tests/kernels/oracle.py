@@ -139,17 +139,13 @@ def assert_selection_matches_by_score(idx, ref_scores, cu_seqlens, *, block_size
 
         rank = selection_ranking(scores, block_size=block_size, init_blocks=init_blocks, window_size=window_size)
         n_blocks = rank.shape[-1]
-        # Padding goes to a spare column so it cannot overwrite a real id.
-        chosen = torch.zeros(rank.shape[:-1] + (n_blocks + 1,), dtype=torch.bool)
-        chosen.scatter_(2, torch.where(valid, sel, n_blocks), True)
-        chosen = chosen[..., :n_blocks]
+        chosen = _chosen(sel, n_blocks)
         missing = torch.isposinf(rank) & ~chosen
         if missing.any():
             g, t, b = missing.nonzero()[0].tolist()
             raise AssertionError(f"{where}, head {g}, token {t}: forced block {b} missing from {sel[g, t].tolist()}")
 
-        got = torch.where(chosen, rank, torch.full_like(rank, -math.inf)).sort(dim=-1, descending=True).values
-        want = rank.sort(dim=-1, descending=True).values
+        got, want = _sorted_scores(chosen, rank)
         keep = torch.arange(rank.shape[-1])[None, None, :] < n_sel[None, :, None]
         same = (got == want) | ((got - want).abs() <= atol + rtol * want.abs())
         wrong = keep & ~same
@@ -160,6 +156,40 @@ def assert_selection_matches_by_score(idx, ref_scores, cu_seqlens, *, block_size
                 f"{where}, head {g}, token {t}: selected blocks {sel[g, t, :n].tolist()} have scores "
                 f"{got[g, t, :n].tolist()}, the reference's best are {want[g, t, :n].tolist()} (rank {r} differs)"
             )
+
+
+def _chosen(sel, n_blocks):
+    """bool [H_kv, T, NB]: the blocks a selection [H_kv, T, K] lists (padding goes to a spare column)."""
+    chosen = torch.zeros(sel.shape[:-1] + (n_blocks + 1,), dtype=torch.bool)
+    chosen.scatter_(2, torch.where(sel >= 0, sel, n_blocks), True)
+    return chosen[..., :n_blocks]
+
+
+def _sorted_scores(chosen, rank):
+    """Scores of the chosen blocks and the reference's best, each sorted descending: [H_kv, T, NB] twice."""
+    got = torch.where(chosen, rank, torch.full_like(rank, -math.inf)).sort(dim=-1, descending=True).values
+    return got, rank.sort(dim=-1, descending=True).values
+
+
+def selection_score_deviation(idx, ref_scores, cu_seqlens, *, block_size, init_blocks, window_size, topk):
+    """The largest relative gap between the sorted scores of a selection and the reference's best (the quantity
+    `assert_selection_matches_by_score` bounds by rtol), over scored (finite, non-forced) ranks. Used to
+    calibrate a low-precision tolerance on the reference itself run in low precision."""
+    k_eff = topk + window_size // block_size
+    worst = 0.0
+    idx = idx.detach().cpu().long()
+    for (start, end), scores in zip(doc_bounds(cu_seqlens), ref_scores):
+        T = end - start
+        if T == 0:
+            continue
+        rank = selection_ranking(scores, block_size=block_size, init_blocks=init_blocks, window_size=window_size)
+        n_blocks = rank.shape[-1]
+        got, want = _sorted_scores(_chosen(idx[:, start:end], n_blocks), rank)
+        n_sel = torch.clamp(torch.arange(T) // block_size + 1, max=k_eff)
+        keep = (torch.arange(n_blocks)[None, None, :] < n_sel[None, :, None]) & torch.isfinite(want) & (want > 0)
+        gap = torch.where(keep, (got - want).abs() / want.abs().clamp(min=1e-30), torch.zeros_like(want))
+        worst = max(worst, float(gap.max()))
+    return worst
 
 
 def reference_selection(q, k, cu_seqlens, *, block_size, kernel_size, kernel_stride, init_blocks, window_size,

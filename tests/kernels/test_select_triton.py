@@ -10,11 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.infllm_v2 import naive
 from kernels.infllm_v2.naive import block_scores_doc, infllm_v2_select_naive
 from kernels.infllm_v2._validate import check_sparse_config
 from kernels.infllm_v2.select import _select, infllm_v2_select_triton
 from tests.conftest import DEVICE, HAS_CUDA, requires_cuda
-from tests.kernels.oracle import assert_selection_matches_by_score, brute_force_block_scores
+from tests.kernels.oracle import (
+    assert_selection_matches_by_score,
+    brute_force_block_scores,
+    selection_score_deviation,
+)
 
 # Sparse from a few hundred tokens on: k_eff = 5 blocks of 16.
 CFG = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, window_size=32, topk=3)
@@ -194,7 +199,18 @@ def test_select_long_document_planted_needle(dtype):
     idx = infllm_v2_select_triton(q, k, cu, max(doc_lens), **cfg)
     assert (idx[0, doc_lens[0] - 256:doc_lens[0]] == block).any(dim=-1).all(), "the planted block is missed"
     sc = check_sparse_config(**cfg)
-    scores = [block_scores_doc(q[a:b], k[a:b], sc, d ** -0.5, True).double().cpu()
-              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    scores = [block_scores_doc(q[a:b], k[a:b], sc, d ** -0.5, True).double().cpu() for a, b in bounds]
+    rtol = RTOL[dtype]
+    if dtype != torch.float32:
+        # FlashAttention-style calibration: the reference itself with its compressed keys stored in `dtype` (as
+        # the kernel stores them) misses the fp32 reference's best scores by `dev` at near-ties; allow twice that.
+        with pytest.MonkeyPatch.context() as mp:
+            exact = naive.compress_keys
+            mp.setattr(naive, "compress_keys", lambda k_, l, s: exact(k_, l, s).to(dtype).float())
+            low = torch.cat([naive.select_doc(q[a:b], k[a:b], sc, d ** -0.5, True) for a, b in bounds], dim=1)
+        dev = selection_score_deviation(low.cpu(), scores, cu.cpu(), block_size=64, init_blocks=1,
+                                        window_size=512, topk=24)
+        rtol = max(rtol, 2 * dev)
     assert_selection_matches_by_score(idx.cpu(), scores, cu.cpu(), block_size=64, init_blocks=1, window_size=512,
-                                      topk=24, rtol=RTOL[dtype])
+                                      topk=24, rtol=rtol)
