@@ -4,6 +4,8 @@ causal attention through torch SDPA (flash backend = FlashAttention-2, and the c
     python3 bench/kernels.py                 # every case (H100: about 4 minutes)
     python3 bench/kernels.py --quick         # MiniCPM4 shape at 32k x 8 and 128k x 2, and the G = 4 shape
     python3 bench/kernels.py --cases minicpm4-32kx8-64blk,llama3-32kx8-64blk --out results.json
+    python3 bench/kernels.py --sweep-pack --cases smollm2-32kx8-64blk   # query-tile packing variants first
+    python3 bench/kernels.py --sweep-pack --pack-variants '{"a": {"pack_cost": 1.0}}' --pack-cases CASE,...
 
 For each case: median ms of the forward and of forward+backward, speedup over each dense backend measured in
 the same run, effective TFLOP/s counting only the attended (query, key) pairs (4 d flops per pair and head
