@@ -447,16 +447,17 @@ def sweep_pack(args, results):
 def pack_stats(block_idx, cu, n, seqlen, group):
     """Mean union sizes of the narrow and wide query tiles and the share of wide tiles the decision picks."""
     (_, tok_n), wide = attn._sparse_plan(group)
-    stats = {"tokens_narrow": tok_n}
-    walks = attn._query_walks(block_idx, cu, n, seqlen, 64, group, -1, 0)
-    tiles_n = walks[-1][3]
-    _, _, _, count_n = attn._walk_lists(block_idx, cu, tiles_n, walks[-1][4], tok_n, seqlen, 64)
-    stats["mean_narrow_blocks"] = float(count_n[:, tiles_n >= 0].float().mean().item())
+    walks = attn._query_walks(block_idx, cu, n, seqlen, 64, group, -1, 0)    # [wide,] narrow (no dense walk)
+
+    def counts(walk):  # a union walk's count table is its third list argument
+        mode, tile_doc, tile_start, lists = walk[0], walk[3], walk[4], walk[5][0]
+        return (lists[2] if mode == 1 else attn._row_counts(block_idx, tile_start))[:, tile_doc >= 0]
+
+    stats = {"tokens_narrow": tok_n, "mean_narrow_blocks": float(counts(walks[-1]).float().mean().item())}
     if wide is not None:
-        tiles_w, skip_w = walks[0][3], walks[0][6]
-        _, _, _, count_w = attn._walk_lists(block_idx, cu, tiles_w, walks[0][4], wide[1], seqlen, 64)
-        stats.update(tokens_wide=wide[1], mean_wide_blocks=float(count_w[:, tiles_w >= 0].float().mean().item()),
-                     wide_share=float((skip_w[:, tiles_w >= 0] == 0).float().mean().item()))
+        skip_w = walks[0][6][:, walks[0][3] >= 0]
+        stats.update(tokens_wide=wide[1], mean_wide_blocks=float(counts(walks[0]).float().mean().item()),
+                     wide_share=float((skip_w == 0).float().mean().item()))
     return stats
 
 

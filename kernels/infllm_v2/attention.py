@@ -633,13 +633,17 @@ def _sparse_plan(group: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
 
 
 def _walk_lists(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size):
-    """(mode, kernel list args, their strides, per-tile block count [H, NT]) of a sparse walk over these tiles."""
+    """(mode, kernel list args, their strides, per-tile block count [H, NT]) of a sparse walk over these tiles.
+    One-token tiles walk their block_idx row; their count (needed only by the packing decision) is left None."""
     if tok == 1:
-        valid_slots = (block_idx >= 0).sum(-1, dtype=torch.int32)                       # [H, N]
-        count = valid_slots[:, tile_start.clamp(min=0).long()]                           # [H, NT]
-        return 0, (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1)), count
+        return 0, (block_idx, block_idx, tile_doc), (block_idx.stride(0), block_idx.stride(1)), None
     uid, umask, count = _tile_unions(block_idx, cu_seqlens, tile_doc, tile_start, tok, max_seqlen, block_size)
     return 1, (uid, umask, count), (uid.stride(0), uid.stride(1)), count
+
+
+def _row_counts(block_idx, tile_start):
+    """int32 [H, NT]: the listed blocks of each one-token tile's block_idx row."""
+    return (block_idx >= 0).sum(-1, dtype=torch.int32)[:, tile_start.clamp(min=0).long()]
 
 
 def _pack_decision(cu_seqlens, narrow_tiles, narrow_count, wide_tiles, wide_count, tok_wide):
@@ -689,6 +693,8 @@ def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group,
         tiles_w = _tiles(cu_seqlens, n_tokens, tok_w)
         _, lists_w, strides_w, count_w = _walk_lists(block_idx, cu_seqlens, tiles_w[0], tiles_w[1], tok_w,
                                                      max_seqlen, block_size)
+        if count_n is None:
+            count_n = _row_counts(block_idx, tiles_n[1])
         skip_w, skip_n = _pack_decision(cu_seqlens, tiles_n[:2], count_n, tiles_w, count_w, tok_w)
         walks.append((1, rows_w, tok_w, tiles_w[0], tiles_w[1], (lists_w, strides_w), skip_w, "wide"))
     walks.append((mode_n, rows_n, tok_n, tiles_n[0], tiles_n[1], (lists_n, strides_n), skip_n, "fwd"))
