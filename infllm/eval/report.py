@@ -5,7 +5,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 RESULTS_JSON = "eval_results.json"
 REPORT_MD = "eval_report.md"
@@ -90,14 +90,7 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
                 lines.append(f"| {t} | {m} | {cells} | {_pct(acc[(m, t)])} |")
         lines += ["", "## Accuracy by needle depth (%, rows: depth; columns: context length)", "",
                   f"| task | mode | depth | {cols} |", "|" + "---|" * (len(task_lengths) + 3)]
-        for t in tasks:
-            depths = sorted({r["depth"] for r in records if r["task"] == t}, key=lambda d: -1 if d is None else d)
-            for m in modes:
-                if (m, t) not in acc:
-                    continue
-                for d in depths:
-                    cells = " | ".join(_pct(acc.get((m, t, n, d))) for n in task_lengths)
-                    lines.append(f"| {t} | {m} | {'-' if d is None else f'{d:g}'} | {cells} |")
+        lines += _depth_rows(records, tasks, modes, acc, task_lengths, lambda key: _pct(acc.get(key)))
         lines += ["", "## Values recalled (%) and mean answer log-prob (nats/token)", "",
                   f"| task | mode | {cols} |", "|" + "---|" * (len(task_lengths) + 2)]
         for t in tasks:
@@ -131,6 +124,24 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
     return "\n".join(lines) + "\n"
 
 
+def _depth_rows(records: Sequence[Dict[str, Any]], tasks: Sequence[str], modes: Sequence[str], present,
+                lengths: Sequence[int], cell: Callable[[Tuple], str], all_row: bool = False) -> List[str]:
+    """Table rows `| task | mode | depth | cell per length |` for each (mode, task) in `present`, one per needle
+    depth found in the task's records, then (all_row) one over every depth; cell gets (mode, task, length[, depth])."""
+    rows = []
+    for t in tasks:
+        depths = sorted({r["depth"] for r in records if r["task"] == t}, key=lambda d: -1 if d is None else d)
+        for m in modes:
+            if (m, t) not in present:
+                continue
+            for d in depths:
+                rows.append(f"| {t} | {m} | {'-' if d is None else f'{d:g}'} | "
+                            + " | ".join(cell((m, t, n, d)) for n in lengths) + " |")
+            if all_row:
+                rows.append(f"| {t} | {m} | all | " + " | ".join(cell((m, t, n)) for n in lengths) + " |")
+    return rows
+
+
 def _probe_markdown(records: Sequence[Dict[str, Any]], modes: Sequence[str], tasks: Sequence[str]) -> List[str]:
     """The selection probe's tables (eval.selection_probe; records of sparse mode)."""
     probed = [r for r in records if "needle_block_recall" in r]
@@ -150,15 +161,7 @@ def _probe_markdown(records: Sequence[Dict[str, Any]], modes: Sequence[str], tas
     def cell(key: Tuple) -> str:
         return f"{_pct(recall[key])} / {rank[key]:.1f}" if key in recall else "-"
 
-    for t in tasks:
-        depths = sorted({r["depth"] for r in probed if r["task"] == t}, key=lambda d: -1 if d is None else d)
-        for m in modes:
-            if (m, t) not in recall:
-                continue
-            for d in depths:
-                cells = " | ".join(cell((m, t, n, d)) for n in lengths)
-                lines.append(f"| {t} | {m} | {'-' if d is None else f'{d:g}'} | {cells} |")
-            lines.append(f"| {t} | {m} | all | " + " | ".join(cell((m, t, n)) for n in lengths) + " |")
+    lines += _depth_rows(probed, tasks, modes, recall, lengths, cell, all_row=True)
     # Selection vs outcome: a miss with the needle selected points at the attention, a miss without it at
     # the selection.
     lines += ["", "Needle block recall (%) of the samples answered right / wrong (number of samples):", "",
