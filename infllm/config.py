@@ -214,8 +214,17 @@ class TrainerConfig:
     # InfLLM-V2: time block selection at the first layer (CUDA events, one extra selection pass per forward)
     # and log sparse/select_step_share, the estimated share of the step spent selecting blocks.
     time_selection: bool = False
+    # The language-model loss: plain (full logits, as transformers computes them) | fused (logits made and
+    # consumed chunk by chunk, never the whole [tokens, vocab] at once) | auto (fused where it works).
+    loss: str = "auto"
+    # DeepSpeed TiledMLP: each decoder MLP runs over sequence tiles, recomputed in the backward.
+    tiled_mlp: bool = False
+    # Activations saved for the backward (the layer inputs kept by gradient checkpointing) live in host memory.
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.loss in ("auto", "plain", "fused"), "trainer.loss",
+               f"expected auto, plain or fused, got {self.loss!r}")
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):
             _check(getattr(self, name) > 0, f"trainer.{name}", f"must be a positive integer, got {getattr(self, name)}")
         _check(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",
@@ -271,6 +280,9 @@ class ParallelConfig:
     world_size: int = 0
     # Collective timeout: a rank waits this long for the others (e.g. while rank 0 exports or evaluates).
     timeout_minutes: int = 60
+    # Ulysses sequence parallelism: each row is split over sp_size ranks along the sequence, attention runs on
+    # whole sequences for a share of the heads (all-to-all in and out). 1 = off. Divides the world size.
+    sp_size: int = 1
     # Merged last into the generated DeepSpeed config, for knobs not exposed here; new keys take a `+` on the
     # command line: +parallel.extra.zero_optimization.reduce_bucket_size=5e8
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -283,6 +295,7 @@ class ParallelConfig:
         _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params",
                f"parameter offload needs zero_stage=3, got zero_stage={self.zero_stage}")
         _check(self.world_size >= 0, "parallel.world_size", f"must be >= 0 (0 = any), got {self.world_size}")
+        _check(self.sp_size >= 1, "parallel.sp_size", f"must be >= 1 (1 = off), got {self.sp_size}")
         _check(self.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
 
 
