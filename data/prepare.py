@@ -5,15 +5,18 @@ separator token), `offsets_i.npy` (int64, document boundaries, n_docs + 1) and `
 each document's text, which decides the held-out split without re-reading the text), plus `manifest.json`
 (tokenizer name, vocab size and fingerprint, separator id, counts, a length histogram, skipped documents).
 
-The directory name is the source label plus a key over the tokenizer fingerprint, the separator settings and
-the source spec (files with sizes and mtimes, fields, Python version for the stdlib corpus), so a second run
-with the same tokenizer and data loads it instantly, and any change prepares a new one. Preparation writes to a
-temporary directory renamed into place at the end, under a lock file, so concurrent ranks prepare once and a
-killed preparation never leaves a half-written cache behind.
+The directory name is the source label plus a key over the tokenizer fingerprint, the separator settings, the
+source spec (files with sizes and mtimes, fields, Python version for the stdlib corpus) and the bad-document
+policy, so a second run with the same tokenizer and data loads it instantly, and any change prepares a new one;
+a reused cache repeats the summary of the documents its preparation skipped. Preparation writes to a temporary
+directory renamed into place at the end, under a lock file, so concurrent ranks prepare once and a killed
+preparation never leaves a half-written cache behind.
 
-    python -m data.prepare                                   # the embedded stdlib corpus, embedded tokenizer
+    python prepare.py                                        # the embedded stdlib corpus, embedded tokenizer
     python -m data.prepare --config conf/data/files.yaml --tokenizer /models/llama --num-proc 16
-    python -m data.prepare --source /data/books/ --out /data/books.tok holdout_fraction=0.01
+    python -m data.prepare --source /data/books/ --out /data/books.tok --tokenizer /models/llama
+The data layer knows no model: `python -m data.prepare` needs --tokenizer; `python prepare.py` (repository
+root) is the same CLI with the embedded model's tokenizer as the default.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -238,9 +241,12 @@ class _ShardWriter:
 
 # ------------------------------------------------------------------------------------------------- prepare
 
-def source_key(rsrc: ResolvedSource, tok: Dict) -> str:
+def source_key(rsrc: ResolvedSource, tok: Dict, cfg: DataConfig) -> str:
+    """What decides the prepared tokens: the tokenizer, the separators, the source's content and filters, and
+    the bad-document policy (a cache prepared while skipping bad documents is not what `error` asks for)."""
     blob = json.dumps({"format": FORMAT_VERSION, "tokenizer": tok["fingerprint"], "eos": tok["eos_id"],
-                       "bos": tok["bos_id"], "source": rsrc.spec}, sort_keys=True, default=str)
+                       "bos": tok["bos_id"], "source": rsrc.spec, "on_bad_document": cfg.on_bad_document},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -274,13 +280,14 @@ def prepare_source(rsrc: ResolvedSource, tokenizer, cfg: DataConfig, out_dir: Op
     tok = tok or tokenizer_info(tokenizer, cfg)
     if rsrc.kind == "prepared":
         return rsrc.location
-    key = source_key(rsrc, tok)
+    key = source_key(rsrc, tok, cfg)
     if out_dir is None:
         root = cfg.cache_dir or default_cache_dir()
         target = os.path.join(os.path.expanduser(root), f"{_safe_name(rsrc.label)}-{key}")
     else:
         target = os.path.expanduser(out_dir)
     if is_prepared(target) and _manifest_key(target) == key:
+        _report_reused(target, rsrc.label)
         return target
     parent = os.path.dirname(os.path.abspath(target))
     try:
@@ -289,6 +296,7 @@ def prepare_source(rsrc: ResolvedSource, tokenizer, cfg: DataConfig, out_dir: Op
         raise DataError(f"data.cache_dir: cannot create {parent!r} ({e.strerror}); expected a writable directory")
     with _lock(target + ".lock"):
         if is_prepared(target) and _manifest_key(target) == key:
+            _report_reused(target, rsrc.label)
             return target
         tmp = f"{target}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,6 +319,24 @@ def _manifest_key(directory: str) -> Optional[str]:
             return json.load(f).get("key")
     except (OSError, ValueError):
         return None
+
+
+def _report_reused(directory: str, label: str) -> None:
+    """A reused cache says again what its preparation skipped, so a skip is never silent on a later run."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return
+    counts = manifest.get("bad_documents") or {}
+    if not counts:
+        return
+    examples = manifest.get("bad_examples") or {}
+    parts = [f"{n} x {reason}" + (f" (first: {examples[reason]})" if reason in examples else "")
+             for reason, n in counts.items()]
+    log.warning("source %r: reusing the prepared cache %s (made %s with on_bad_document=skip), which skipped %d "
+                "bad documents: %s", label, directory, manifest.get("created", "earlier"), sum(counts.values()),
+                "; ".join(parts))
 
 
 def _write_shards(rsrc: ResolvedSource, tokenizer, cfg: DataConfig, tok: Dict, key: str, directory: str) -> Dict:
@@ -353,7 +379,7 @@ def _write_shards(rsrc: ResolvedSource, tokenizer, cfg: DataConfig, tok: Dict, k
         "tokenizer": tok, "num_documents": writer.num_docs, "num_tokens": writer.num_tokens,
         "max_token_id": writer.max_token, "shards": writer.shards,
         "length_histogram": {"edges": HIST_EDGES[:last + 1], "counts": writer.hist[:last].tolist()},
-        "bad_documents": dict(bad.counts), "seconds": round(seconds, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "bad_documents": dict(bad.counts), "bad_examples": dict(bad.examples), "seconds": round(seconds, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 
@@ -366,12 +392,12 @@ def prepare_all(cfg: DataConfig, tokenizer) -> List[Tuple[ResolvedSource, str]]:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-def _load_tokenizer(path: Optional[str]):
+def local_tokenizer(path: Optional[str]):
+    """The CLI's tokenizer: a local Hugging Face tokenizer directory. The data layer knows no model; the
+    embedded model's tokenizer comes from the caller (`python prepare.py` passes it in)."""
     if path is None:
-        from infllm.config import ModelConfig
-        from infllm.model import load_tokenizer
-
-        return load_tokenizer(ModelConfig())
+        raise DataError("--tokenizer: name a local tokenizer directory, or run `python prepare.py` from the "
+                        "repository root to use the embedded model's tokenizer")
     from transformers import AutoTokenizer
 
     if not os.path.isdir(os.path.expanduser(path)):
@@ -399,13 +425,16 @@ def _build_config(args) -> DataConfig:
     return as_data_config(cfg)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
+def main(argv: Optional[Sequence[str]] = None,
+         load_tokenizer: Callable[[Optional[str]], Any] = local_tokenizer, prog: str = "python -m data.prepare") -> int:
+    """The CLI. `load_tokenizer(path_or_None)` turns --tokenizer (None when not given) into a tokenizer."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a conf/data/*.yaml file (default: the built-in defaults, the stdlib corpus)")
     p.add_argument("--source", action="append", help="a path, or 'stdlib' (repeatable; replaces the config's)")
     p.add_argument("--text-field", default="text", help="text field for --source (default: text)")
-    p.add_argument("--tokenizer", help="a local Hugging Face tokenizer directory (default: the embedded model's)")
+    p.add_argument("--tokenizer", help="a local Hugging Face tokenizer directory (python prepare.py: default the "
+                                       "embedded model's)")
     p.add_argument("--cache-dir", help="where prepared sources go (default: $INFLLM_CACHE/data)")
     p.add_argument("--out", help="write the one source here instead of the cache (use it as kind: prepared)")
     p.add_argument("--num-proc", type=int, help="tokenizer processes (default: half the cpus, at most 8)")
@@ -414,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = _build_config(args)
-        tokenizer = _load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         tok = tokenizer_info(tokenizer, cfg)
         resolved = [resolve_source(s, i) for i, s in enumerate(cfg.effective_sources)]
         if args.out and len(resolved) != 1:

@@ -37,6 +37,31 @@ def test_empty_file_skipped_and_counted(tmp_path, tok, make_cfg, caplog):
                              cache_dir=str(tmp_path / "c2")), tok)
 
 
+def test_cache_key_honours_on_bad_document_and_reuse_repeats_the_skips(tmp_path, tok, make_cfg, caplog):
+    """A cache prepared in skip mode is not reused under on_bad_document=error (which must stop at the bad
+    document), and every reuse of a cache that skipped documents says so again."""
+    _write_bytes(tmp_path / "d.jsonl", [GOOD, b"\xff\xfe not utf-8", GOOD, b"{broken json", GOOD])
+    src = [{"path": str(tmp_path / "d.jsonl")}]
+    [(_, skipped)] = prepare_all(make_cfg(sources=src), tok)
+    assert _manifest(skipped)["bad_documents"] == {"non-UTF-8 bytes": 1, "invalid JSON": 1}
+    with pytest.raises(DataError, match=r"d\.jsonl:2: non-UTF-8 bytes"):
+        prepare_all(make_cfg(sources=src, on_bad_document="error"), tok)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        [(_, again)] = prepare_all(make_cfg(sources=src), tok)
+    assert again == skipped
+    assert "reusing the prepared cache" in caplog.text and "skipped 2 bad documents" in caplog.text
+    assert "d.jsonl:4: invalid JSON" in caplog.text
+    # A clean corpus: error mode prepares its own entry and its reuse is quiet.
+    write_jsonl(tmp_path / "clean.jsonl", ["one", "two", "three"])
+    clean = make_cfg(sources=[{"path": str(tmp_path / "clean.jsonl")}], on_bad_document="error")
+    [(_, first)] = prepare_all(clean, tok)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        [(_, second)] = prepare_all(clean, tok)
+    assert first == second and first != skipped and "reusing" not in caplog.text
+
+
 def test_only_empty_file_is_an_empty_corpus(tmp_path, tok, make_cfg):
     (tmp_path / "e.jsonl").write_bytes(b"")
     with pytest.raises(DataError, match="empty corpus.*empty file"):

@@ -104,9 +104,16 @@ def test_formats_through_datasets(tmp_path, tok, make_cfg):
 
 def test_cli_out_and_prepared_kind(tmp_path, tok, make_cfg, monkeypatch, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", TEXTS)
-    monkeypatch.setattr(prepare_mod, "_load_tokenizer", lambda path: tok)
+    asked = []
+
+    def load_tokenizer(path):
+        asked.append(path)
+        return tok
+
     out = tmp_path / "prepared"
-    rc = main(["--source", str(path), "--out", str(out), "--num-proc", "1", "progress=false"])
+    rc = main(["--source", str(path), "--out", str(out), "--num-proc", "1", "--tokenizer", "my-tok",
+               "progress=false"], load_tokenizer=load_tokenizer)
+    assert asked == ["my-tok"]
     assert rc == 0 and (out / MANIFEST).is_file()
     assert "5 documents" in capsys.readouterr().out
     cfg = make_cfg(sources=[{"kind": "prepared", "path": str(out)}], holdout_fraction=0.0, bucket_edges=[0, 64],
@@ -114,8 +121,25 @@ def test_cli_out_and_prepared_kind(tmp_path, tok, make_cfg, monkeypatch, capsys)
     batch = next(build_train_loader(cfg, tok, seq_len=64, micro_batch_size=2))
     assert batch.input_ids.shape == (2, 64)
     # A bad config is one clear line, exit code 2.
-    assert main(["--source", str(tmp_path / "missing.jsonl"), "--num-proc", "1"]) == 2
+    assert main(["--source", str(tmp_path / "missing.jsonl"), "--num-proc", "1"], load_tokenizer=load_tokenizer) == 2
     assert "does not exist" in capsys.readouterr().err
+    # Without a tokenizer loader from the caller, the data layer's CLI asks for a directory, naming the option.
+    assert main(["--source", str(path), "--num-proc", "1"]) == 2
+    assert "--tokenizer: name a local tokenizer directory" in capsys.readouterr().err
+
+
+def test_data_layer_does_not_import_the_model():
+    """data/ sits below infllm/ (only infllm.errors and the package root): importing the whole data pipeline
+    must not pull in the model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, data.prepare, data.loader, data.sources, data.shards; "
+            "print(sorted(m for m in sys.modules if m.startswith('infllm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    loaded = eval(out.stdout.strip())
+    assert not [m for m in loaded if m not in ("infllm", "infllm.errors")], loaded
 
 
 def test_heldout_documents(tmp_path, itok, make_cfg):
