@@ -207,25 +207,33 @@ def _resolve_stdlib(src: SourceConfig, base: Dict) -> ResolvedSource:
     return ResolvedSource(src, "stdlib", src.label, location=root, spec=spec)
 
 
-def _stdlib_docs(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str]]:
+def read_stdlib_document(files: List[str], bad: BadDocuments) -> Optional[str]:
+    """One document of the stdlib corpus: its files' text (strict UTF-8; a file that fails is a bad document),
+    a `# file:` header before each when there are several, so the model sees where one module ends and the
+    next begins. None when no file could be read. The one reader of the corpus: training (`iter_documents`)
+    and the eval's haystacks (`infllm.eval.haystack`) both go through it."""
     root = stdlib_dir()
+    parts = []
+    for path in files:
+        rel = os.path.relpath(path, root)
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.add("non-UTF-8 bytes", rel, str(e))
+            continue
+        except OSError as e:
+            bad.add("unreadable file", rel, e.strerror or str(e))
+            continue
+        parts.append(f"# file: {rel}\n{text}" if len(files) > 1 else text)
+    return "\n".join(parts) if parts else None
+
+
+def _stdlib_docs(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str]]:
     for name, files in stdlib_documents_index(src.cfg.include):
-        parts = []
-        for path in files:
-            rel = os.path.relpath(path, root)
-            try:
-                with open(path, "rb") as f:
-                    text = f.read().decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad.add("non-UTF-8 bytes", rel, str(e))
-                continue
-            except OSError as e:
-                bad.add("unreadable file", rel, e.strerror or str(e))
-                continue
-            # A header per file, so the model sees where one module ends and the next begins.
-            parts.append(f"# file: {rel}\n{text}" if len(files) > 1 else text)
-        if parts:
-            yield "\n".join(parts), f"stdlib:{name}"
+        text = read_stdlib_document(files, bad)
+        if text is not None:
+            yield text, f"stdlib:{name}"
 
 
 # ---------------------------------------------------------------------------------------------------- files

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import random
-import sysconfig
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
+
+from data.loader import heldout_documents as data_heldout
+from data.sources import BadDocuments, read_stdlib_document, stdlib_documents_index
 
 log = logging.getLogger(__name__)
 
@@ -79,41 +80,25 @@ def text_haystack(tokenizer, documents: Sequence[Sequence[int]]) -> Haystack:
 
 
 def _stdlib_package_documents(tokenizer):
-    """One document per stdlib package (its modules concatenated in sorted order), from the end of the
+    """The training corpus's stdlib documents (`data.sources`: same files, same text), from the end of the
     alphabet, so the training side, which reads from the start, is unlikely to reach them first."""
-    root = sysconfig.get_paths()["stdlib"]
-    packages = sorted((d for d in os.listdir(root)
-                       if os.path.isfile(os.path.join(root, d, "__init__.py"))), reverse=True)
-    for pkg in packages:
-        texts = []
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, pkg)):
-            dirnames[:] = sorted(d for d in dirnames if d not in ("test", "tests", "__pycache__", "idle_test"))
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    with open(os.path.join(dirpath, name), encoding="utf-8", errors="replace") as f:
-                        texts.append(f.read())
-        if texts:
-            yield encode(tokenizer, "\n\n".join(texts))
+    bad = BadDocuments("skip", "stdlib (eval)")
+    for _, files in reversed(stdlib_documents_index()):
+        text = read_stdlib_document(files, bad)
+        if text is not None:
+            yield encode(tokenizer, text)
 
 
 def stdlib_documents(tokenizer, min_tokens: int, n: int) -> List[List[int]]:
-    """Fallback corpus when the data pipeline is absent: `n` stdlib packages of at least `min_tokens` tokens."""
+    """The top-up when the held-out documents are too few: `n` stdlib documents of at least `min_tokens` tokens."""
     docs = []
     for ids in _stdlib_package_documents(tokenizer):
         if len(ids) >= min_tokens:
             docs.append(ids)
             if len(docs) == n:
                 return docs
-    raise RuntimeError(f"the stdlib has only {len(docs)} packages of at least {min_tokens} tokens; "
+    raise RuntimeError(f"the stdlib has only {len(docs)} documents of at least {min_tokens} tokens; "
                        f"lower eval.ppl_length or eval.ppl_docs")
-
-
-def _data_heldout():
-    try:
-        from data import heldout_documents as data_heldout
-    except ImportError:
-        return None
-    return data_heldout
 
 
 def heldout_documents(data_cfg, tokenizer, min_tokens: int, n: int) -> Tuple[List[List[int]], int]:
@@ -121,15 +106,14 @@ def heldout_documents(data_cfg, tokenizer, min_tokens: int, n: int) -> Tuple[Lis
     (data.heldout_documents; data_cfg None = skip it), topped up with stdlib packages when there are too few.
     Returns (documents, how many are really held out): the top-up may be text a model was trained on."""
     docs: List[List[int]] = []
-    data_heldout = _data_heldout() if data_cfg is not None else None
-    if data_heldout is not None:
+    if data_cfg is not None:
         try:
             docs = [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=min_tokens, n=n)][:n]
         except Exception as e:  # a broken corpus should not cost the whole eval
             log.warning("data.heldout_documents failed (%s); using stdlib sources for the eval corpus", e)
     heldout = len(docs)
     if heldout < n:
-        if data_heldout is not None:
+        if data_cfg is not None:
             log.warning("eval: %d of %d perplexity documents are held out; the rest are stdlib packages, which "
                         "training on the embedded corpus may have seen", heldout, n)
         docs += stdlib_documents(tokenizer, min_tokens, n - heldout)
@@ -141,8 +125,7 @@ def corpus_haystack(data_cfg, tokenizer, min_tokens: int) -> Haystack:
     skip them), followed by stdlib packages if they are too short. Needles make the answer, not the text, so
     text seen in training is fine here."""
     docs: List[List[int]] = []
-    data_heldout = _data_heldout() if data_cfg is not None else None
-    if data_heldout is not None:
+    if data_cfg is not None:
         try:
             docs = [list(d) for d in data_heldout(data_cfg, tokenizer, min_tokens=256)]
         except Exception as e:

@@ -15,7 +15,8 @@ input prompt + answer[:-1], which is one document starting at 0):
     needle_block_recall_answer: the same over every answer query of the target value;
   - rank of a needle block: 1 + the number of non-forced candidate blocks (0 .. c = query // B, minus the
     init blocks and the local window) whose block score is strictly higher; 0 when the block is forced (init or
-    local). Scores are the reference's steps 1-5 (`kernels.infllm_v2.naive`) on the layer's q / k, fp32. A
+    local). Scores are the reference's steps 1-5 (`kernels.infllm_v2.naive.block_scores_doc`, the one
+    implementation) on the layer's q / k, fp32. A
     sample's rank is the worst rank over its needle blocks; needle_block_rank is the median over (layer, KV
     head) pairs, needle_block_rank_best the minimum. A non-forced block is selected when its rank is within
     the free slots (k_eff minus the forced blocks: topk - init_blocks - 1 once the query is past the window),
@@ -23,7 +24,8 @@ input prompt + answer[:-1], which is one document starting at 0):
 
 The selection itself is the public `kernels.infllm_v2_select` with the model's own config and impl (the
 Triton kernel on CUDA), run once per layer on the layer's q / k as the attention received them. Costs one
-extra selection per layer and a few host syncs per sample; nothing when the option is off.
+extra selection and one reference block-score pass per layer, and a few host syncs per sample; nothing when
+the option is off.
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional
 
 import torch
@@ -68,46 +69,6 @@ def needle_target(sample: Sample) -> Optional[NeedleTarget]:
     a, b = sample.value_spans[sample.target]
     P = len(sample.prompt_ids)
     return NeedleTarget(value_start=start, value_len=b - a, queries=[P - 1 + i for i in range(a, b)])
-
-
-@torch.no_grad()
-def block_scores_rows(q_RHD: torch.Tensor, t_R: torch.Tensor, k_THD: torch.Tensor, *, block_size: int,
-                      kernel_size: int, kernel_stride: int, lse_approx: bool, scale: float) -> torch.Tensor:
-    """Steps 1-5 of the contract for a few query rows: block scores [H_kv, R, NB] (fp32; -inf where no
-    visible kernel overlaps the block; forced / future blocks not applied), NB = ceil(T / B) for the keys of
-    the document k_THD, q_RHD the rows of query tokens at positions t_R of that document. Row for row the
-    same as `kernels.infllm_v2.naive.block_scores_doc`, without its [H_kv, T, NB] tensor."""
-    from kernels.infllm_v2.naive import block_kernel_table, compress_keys, kernel_visibility
-
-    dtype = torch.float64 if q_RHD.dtype == torch.float64 else torch.float32
-    seq_len, h_kv = k_THD.shape[0], k_THD.shape[1]
-    group = q_RHD.shape[1] // h_kv
-    l, s = kernel_size, kernel_stride
-    n_blocks = -(-seq_len // block_size)
-    kc_HCD = compress_keys(k_THD, l, s)
-    nc = kc_HCD.shape[1]
-    out = torch.full((h_kv, q_RHD.shape[0], n_blocks), float("-inf"), dtype=dtype, device=q_RHD.device)
-    if nc == 0:
-        return out
-    kc2_HCD = compress_keys(k_THD, 4 * l, 4 * s) if lse_approx else kc_HCD[:, :0]
-    nc2 = kc2_HCD.shape[1]
-    table_BW = block_kernel_table(n_blocks, nc, SimpleNamespace(block_size=block_size, kernel_size=l,
-                                                                kernel_stride=s), q_RHD.device)
-    t_R = t_R.to(q_RHD.device)
-    visible_RC = kernel_visibility(t_R, nc, l, s)
-    visible2_RC = kernel_visibility(t_R, nc2, 4 * l, 4 * s) if nc2 else None
-    for g in range(h_kv):
-        q_GRD = scale * q_RHD[:, g * group:(g + 1) * group].to(dtype).transpose(0, 1)
-        logits_GRC = (q_GRD @ kc_HCD[g].T).masked_fill(~visible_RC, float("-inf"))
-        lse_GR = torch.logsumexp(logits_GRC, dim=-1)
-        if nc2:
-            logits2_GRC = (q_GRD @ kc2_HCD[g].T).masked_fill(~visible2_RC, float("-inf"))
-            lse_GR = torch.where(visible2_RC.any(dim=-1), torch.logsumexp(logits2_GRC, dim=-1), lse_GR)
-        p_GRC = torch.where(visible_RC, torch.exp(logits_GRC - lse_GR[..., None]), 0.0)
-        score_RC = torch.cat([p_GRC.sum(dim=0).masked_fill(~visible_RC, float("-inf")),
-                              p_GRC.new_full((q_RHD.shape[0], 1), float("-inf"))], dim=1)
-        out[g] = score_RC[:, table_BW].amax(dim=-1)
-    return out
 
 
 def forced_blocks(query: int, block_size: int, init_blocks: int, n_local: int) -> List[bool]:
@@ -147,6 +108,7 @@ class SelectionRecorder:
 
     def __call__(self, call) -> None:
         from kernels import infllm_v2_select
+        from kernels.infllm_v2.naive import block_scores_doc, check_sparse_config
 
         layer = call.layer_idx if call.layer_idx is not None else self._order
         self._order += 1
@@ -166,9 +128,12 @@ class SelectionRecorder:
         rows = torch.tensor(queries, device=idx.device)
         self.selected[layer] = idx[:, rows].cpu()
         scale = call.softmax_scale if call.softmax_scale is not None else call.q.shape[-1] ** -0.5
-        self.scores[layer] = block_scores_rows(
-            call.q[rows], rows, call.k[:doc_end], block_size=kw["block_size"], kernel_size=kw["kernel_size"],
-            kernel_stride=kw["kernel_stride"], lse_approx=kw["lse_approx"], scale=scale).float().cpu()
+        # The reference's block scores of the whole document (the answer queries are at its end, so computing
+        # fewer rows would save little), kept for the answer queries only.
+        sparse_cfg = check_sparse_config(kw["block_size"], kw["kernel_size"], kw["kernel_stride"],
+                                         kw["init_blocks"], kw["window_size"], kw["topk"])
+        scores_HTB = block_scores_doc(call.q[:doc_end], call.k[:doc_end], sparse_cfg, scale, kw["lse_approx"])
+        self.scores[layer] = scores_HTB[:, rows].float().cpu()
         self.queries, self.kernel_kwargs = queries, kw
         self.seconds += time.perf_counter() - t0
 
@@ -233,5 +198,5 @@ def recording(model, recorder: Optional[SelectionRecorder]) -> Iterator[None]:
         yield
 
 
-__all__ = ["PROBE_METRICS", "PROBE_RECORD_KEYS", "NeedleTarget", "SelectionRecorder", "block_scores_rows",
-           "needle_rank", "needle_target", "recording", "sample_recorder"]
+__all__ = ["PROBE_METRICS", "PROBE_RECORD_KEYS", "NeedleTarget", "SelectionRecorder", "needle_rank", "needle_target",
+           "recording", "sample_recorder"]

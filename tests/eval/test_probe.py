@@ -6,8 +6,7 @@ import torch
 import kernels
 from infllm.config import AttentionConfig
 from infllm.eval.config import EvalConfig
-from infllm.eval.probe import (PROBE_RECORD_KEYS, SelectionRecorder, block_scores_rows, needle_target, recording,
-                               sample_recorder)
+from infllm.eval.probe import PROBE_RECORD_KEYS, SelectionRecorder, needle_target, recording, sample_recorder
 from infllm.eval.scoring import score_teacher_forced
 from infllm.eval.suite import run_suite
 from infllm.eval.tasks import generate_samples
@@ -81,17 +80,6 @@ def test_recorded_selection_is_the_reference(tokenizer, pool, sparse_model, monk
         for h in range(2):
             hit = all(b in rec.selected[layer][h, 0].tolist() for b in needle)
             assert hit == (m["selection_probe"]["ranks"][layer][h] <= 2)
-
-
-@pytest.mark.parametrize("lse_approx", [True, False])
-def test_block_scores_rows_match_the_reference(lse_approx):
-    torch.manual_seed(1)
-    T, cfg = 300, check_sparse_config(B, 8, 4, 1, 32, 4)
-    q, k = torch.randn(T, 6, 16), torch.randn(T, 2, 16)
-    rows = torch.tensor([0, 5, 40, 131, 299])
-    got = block_scores_rows(q[rows], rows, k, block_size=B, kernel_size=8, kernel_stride=4, lse_approx=lse_approx,
-                            scale=0.25)
-    torch.testing.assert_close(got, block_scores_doc(q, k, cfg, 0.25, lse_approx)[:, rows])
 
 
 @pytest.mark.parametrize("where", ["init", "local"])
