@@ -215,6 +215,8 @@ class TrainerConfig:
     # and log sparse/select_step_share, the estimated share of the step spent selecting blocks.
     time_selection: bool = False
     # The language-model loss: plain (full logits, as transformers computes them) | fused (logits made and
+    # Fused loss: tokens whose logits are made at once (0 = auto, about 1 GiB of fp32 logits per chunk).
+    loss_chunk_tokens: int = 0
     # consumed chunk by chunk, never the whole [tokens, vocab] at once) | auto (fused where it works).
     loss: str = "auto"
     # DeepSpeed TiledMLP: each decoder MLP runs over sequence tiles, recomputed in the backward.
@@ -223,6 +225,8 @@ class TrainerConfig:
     activation_offload: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens",
+               f"must be >= 0 (0 = auto), got {self.loss_chunk_tokens}")
         _check(self.loss in ("auto", "plain", "fused"), "trainer.loss",
                f"expected auto, plain or fused, got {self.loss!r}")
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):

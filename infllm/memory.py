@@ -1,0 +1,142 @@
+"""Memory options for long rows, applied once to the built model (Trainer.build, after gradient checkpointing):
+
+    apply_memory_options(model, cfg.trainer)   # trainer.loss, trainer.tiled_mlp, trainer.activation_offload
+
+- trainer.loss (infllm/loss.py): the loss from the hidden states, without the [tokens, vocab] logits.
+- trainer.tiled_mlp: DeepSpeed's TiledMLP on every decoder layer's MLP: the MLP runs over sequence tiles of
+  `hidden_size` tokens and recomputes each tile in the backward, so its [tokens, intermediate] activations
+  exist for one tile at a time (at 256k tokens, Llama-3-8B's 4 of them are 28 GiB).
+- trainer.activation_offload: tensors saved for the backward by the decoder (with non-reentrant gradient
+  checkpointing: each layer's input, kept to recompute the layer) are copied to pinned host memory in the
+  forward and back in the backward. Host memory for device memory: the residual stream of every layer
+  (T x hidden in fp32) leaves the GPU.
+
+Each option changes where or when things are computed, never what: loss and gradients equal the option off
+(tests/test_memory.py).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from infllm.loss import apply_loss
+
+log = logging.getLogger(__name__)
+
+# Saved tensors smaller than this stay where they are (positions, masks, norms' statistics): not worth a copy.
+OFFLOAD_MIN_BYTES = 1 << 20
+
+
+def decoder_layers(model: nn.Module):
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected get_decoder().layers)")
+    return layers
+
+
+def _tiled_forward(mlp: nn.Module, own_forward, x: torch.Tensor) -> torch.Tensor:
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    if not torch.is_grad_enabled() or x.dim() < 2:
+        return own_forward(x)
+    tile = mlp._infllm_tile_tokens
+    shards = max(1, -(-x.shape[-2] // tile))
+    if shards == 1:
+        return own_forward(x)
+    # TiledMLP recomputes each tile inside its backward, which the autograd engine runs outside any autocast:
+    # the tile function carries the autocast state of the forward, so the recompute is the same computation.
+    dev = x.device.type
+    enabled = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev)
+
+    def tile_fn(_, x_tile):
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return own_forward(x_tile)
+
+    # Every rank sees rows of the same length (trainer.seq_len), so all agree on `shards` without a collective
+    # (ZeRO-3 gathers the weights once per tile: the counts must match across ranks).
+    return TiledMLP.apply(tile_fn, mlp, x, shards, [p for p in mlp.parameters() if p.requires_grad])
+
+
+def apply_tiled_mlp(model: nn.Module, tile_tokens: Optional[int] = None) -> int:
+    """Wrap every decoder layer's MLP in DeepSpeed's TiledMLP; tiles of `tile_tokens` tokens (default: the
+    hidden size, as DeepSpeed's ALST). Returns the number of MLPs wrapped; idempotent."""
+    tile = int(tile_tokens or model.config.hidden_size)
+    n = 0
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        mlp._infllm_tile_tokens = tile
+        if not getattr(mlp, "_infllm_tiled", False):
+            mlp.forward = functools.partial(_tiled_forward, mlp, type(mlp).forward.__get__(mlp))
+            mlp._infllm_tiled = True
+        n += 1
+    return n
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors of at least `min_bytes` (parameters excepted) go to pinned host memory when saved and come
+    back when the backward unpacks them. Copies are queued on the current stream, which orders them against
+    the compute that produced and the compute that reads them. Counts what it moved (`stats`)."""
+
+    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES, stats: Optional[Dict[str, int]] = None):
+        self.min_bytes = min_bytes
+        self.stats = stats if stats is not None else {"tensors": 0, "bytes": 0}
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes or t.layout != torch.strided:
+            return t
+        pin = t.device.type == "cuda"
+        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=pin)
+        host.copy_(t, non_blocking=pin)
+        self.stats["tensors"] += 1
+        self.stats["bytes"] += host.numel() * host.element_size()
+        return (t.device, host)
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=device.type == "cuda")
+
+
+def _offloaded_forward(module: nn.Module, own_forward, *args, **kwargs):
+    if not (module.training and torch.is_grad_enabled()):
+        return own_forward(*args, **kwargs)
+    with HostOffload(module._infllm_offload_min_bytes, module._infllm_offload_stats):
+        return own_forward(*args, **kwargs)
+
+
+def apply_activation_offload(model: nn.Module, min_bytes: int = OFFLOAD_MIN_BYTES) -> Dict[str, int]:
+    """Offload what the decoder saves for the backward (training only) to host memory. Returns the counters
+    (tensors, bytes moved so far), which the caller may read or reset; idempotent (a later call only sets
+    min_bytes)."""
+    decoder = model.get_decoder()
+    decoder._infllm_offload_min_bytes = min_bytes
+    if not getattr(decoder, "_infllm_offload", False):
+        decoder._infllm_offload_stats = {"tensors": 0, "bytes": 0}
+        decoder.forward = functools.partial(_offloaded_forward, decoder, type(decoder).forward.__get__(decoder))
+        decoder._infllm_offload = True
+    return decoder._infllm_offload_stats
+
+
+def apply_memory_options(model: nn.Module, trainer_cfg, device_type: Optional[str] = None) -> Dict[str, object]:
+    """trainer.loss, trainer.tiled_mlp and trainer.activation_offload on `model` (before the engine wraps it).
+    Returns what was applied, for the log."""
+    applied: Dict[str, object] = {"loss": apply_loss(model, trainer_cfg, device_type)}
+    if trainer_cfg.tiled_mlp:
+        applied["tiled_mlp"] = apply_tiled_mlp(model)
+    if trainer_cfg.activation_offload:
+        if not trainer_cfg.gradient_checkpointing:
+            log.warning("trainer.activation_offload without trainer.gradient_checkpointing: every activation of "
+                        "every layer goes to host memory and back (slow); enable gradient checkpointing")
+        apply_activation_offload(model)
+        applied["activation_offload"] = True
+    log.info("memory options: %s", applied)
+    return applied

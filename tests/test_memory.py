@@ -1,0 +1,124 @@
+"""Memory options (infllm/memory.py): with each on, the loss and every gradient equal the option off."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from infllm.loss import IGNORE_INDEX
+from infllm.memory import HostOffload, apply_activation_offload, apply_memory_options, apply_tiled_mlp
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=10, tie_word_embeddings=True,
+                         max_position_embeddings=256)
+    return LlamaForCausalLM(config).float()
+
+
+def _batch(length: int = 53):
+    ids = torch.randint(0, 97, (1, length))
+    labels = ids.clone()
+    labels[0, torch.randperm(length)[:9]] = IGNORE_INDEX
+    pos = torch.cat([torch.arange(31), torch.arange(length - 31)])[None]
+    return dict(input_ids=ids, position_ids=pos, labels=labels, num_items_in_batch=47)
+
+
+def _loss_and_grads(model, batch, autocast: bool = False):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_equal_runs(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a[0], b[0], rtol=rtol, atol=atol)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _options(**kw):
+    base = dict(loss="plain", loss_chunk_tokens=0, tiled_mlp=False, activation_offload=False,
+                gradient_checkpointing=True)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
+@pytest.mark.parametrize("option", ["tiled_mlp", "activation_offload", "all"])
+def test_option_on_equals_off(option, checkpointing):
+    ref = _tiny_llama()
+    if checkpointing:
+        ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = copy.deepcopy(ref)
+    batch = _batch()
+    on = dict(tiled_mlp=option in ("tiled_mlp", "all"), activation_offload=option in ("activation_offload", "all"))
+    if option == "all":
+        on["loss"] = "fused"
+    applied = apply_memory_options(model, _options(gradient_checkpointing=checkpointing, **on), device_type="cpu")
+    if on["tiled_mlp"]:
+        # 53 tokens in tiles of 8: 7 tiles, the last one short.
+        assert applied["tiled_mlp"] == 3
+        apply_tiled_mlp(model, tile_tokens=8)
+    stats = None
+    if on["activation_offload"]:
+        stats = apply_activation_offload(model, min_bytes=0)
+    _assert_equal_runs(_loss_and_grads(model, batch), _loss_and_grads(ref, batch))
+    if stats is not None:
+        # With checkpointing, at least each layer's input [1, 53, 40] fp32 went to host and back.
+        assert stats["tensors"] >= 3 and stats["bytes"] >= 3 * 53 * 40 * 4
+
+
+def test_offload_moves_checkpointed_layer_inputs():
+    model = _tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stats = {"tensors": 0, "bytes": 0}
+    batch = _batch()
+    # min_bytes of one [1, 53, 40] fp32 hidden state: with checkpointing, what goes to host is each layer's input
+    # plus what the final norm saves, nothing from inside the layers.
+    with HostOffload(min_bytes=53 * 40 * 4, stats=stats):
+        out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    norm_stats = {"tensors": 0, "bytes": 0}
+    with HostOffload(min_bytes=53 * 40 * 4, stats=norm_stats):
+        model.get_decoder().norm(torch.randn(1, 53, 40, requires_grad=True))
+    assert norm_stats["tensors"] >= 1
+    assert stats["tensors"] == 3 + norm_stats["tensors"]
+    out.last_hidden_state.sum().backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_tiled_mlp_keeps_autocast_in_the_recompute():
+    # The tile recompute runs inside the backward, where no autocast is active; it must still run in bf16 like
+    # the forward did, or the gradients would be those of an fp32 MLP.
+    ref = _tiny_llama()
+    model = copy.deepcopy(ref)
+    apply_tiled_mlp(model, tile_tokens=8)
+    seen = []
+    model.model.layers[1].mlp.down_proj.register_forward_hook(
+        lambda mod, inp, out: seen.append((torch.is_grad_enabled(), out.dtype)))
+    batch = _batch()
+    a = _loss_and_grads(model, batch, autocast=True)
+    b = _loss_and_grads(ref, batch, autocast=True)
+    # 53 tokens in tiles of 8: 7 tile forwards without grad, then 7 recomputed in the backward.
+    assert seen == [(False, torch.bfloat16)] * 7 + [(True, torch.bfloat16)] * 7
+    torch.testing.assert_close(a[0], b[0], rtol=1e-2, atol=1e-2)
+
+
+def test_eval_and_no_grad_untouched():
+    ref = _tiny_llama()
+    model = copy.deepcopy(ref)
+    apply_memory_options(model, _options(tiled_mlp=True, activation_offload=True, loss="fused"), device_type="cpu")
+    apply_tiled_mlp(model, tile_tokens=8)
+    ids = torch.randint(0, 97, (1, 40))
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    assert model.get_decoder()._infllm_offload_stats["tensors"] == 0
