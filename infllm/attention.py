@@ -56,7 +56,8 @@ SPARSE_CONFIG_FIELDS = ("block_size", "kernel_size", "kernel_stride", "init_bloc
 _RUNTIME_ATTR = "_infllm_attention"
 _warned_unprepared = False
 # attention.dense_backend -> kernels.dense backend names
-_DENSE_BACKENDS = {"auto": "auto", "flash_attn": "flash", "sdpa": "sdpa"}
+_DENSE_BACKENDS = {"auto": "auto", "flash_attn": "flash", "sdpa": "sdpa", "torch_varlen": "torch_varlen",
+                   "triton": "triton"}
 
 
 @dataclass

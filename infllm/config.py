@@ -130,7 +130,7 @@ class AttentionConfig:
     lse_approx: bool = True
     # auto (triton on CUDA, reference elsewhere) | naive | triton
     impl: str = "auto"
-    # Dense documents: auto (flash-attn varlen if installed, else SDPA) | flash_attn | sdpa
+    # Dense documents: auto (flash-attn, torch varlen, Triton; SDPA on CPU) | flash_attn | torch_varlen | triton | sdpa
     dense_backend: str = "auto"
     # InfLLM (v1) context memory, used when name == infllm_v1.
     v1: InfLLMv1Config = field(default_factory=InfLLMv1Config)
@@ -140,8 +140,9 @@ class AttentionConfig:
                f"expected dense, infllm_v2 or infllm_v1, got {self.name!r}")
         _check(self.impl in ("auto", "naive", "triton"), "attention.impl",
                f"expected auto, naive or triton, got {self.impl!r}")
-        _check(self.dense_backend in ("auto", "flash_attn", "sdpa"), "attention.dense_backend",
-               f"expected auto, flash_attn or sdpa, got {self.dense_backend!r}")
+        _check(self.dense_backend in ("auto", "flash_attn", "torch_varlen", "triton", "sdpa"),
+               "attention.dense_backend",
+               f"expected auto, flash_attn, torch_varlen, triton or sdpa, got {self.dense_backend!r}")
         for name in ("block_size", "kernel_size", "kernel_stride", "topk"):
             _check(getattr(self, name) > 0, f"attention.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("init_blocks", "window_size"):

@@ -56,7 +56,7 @@ from kernels.infllm_v2._validate import (
     resolve_softmax_scale,
 )
 
-__all__ = ["block_sparse_attn_triton", "TUNING"]
+__all__ = ["block_sparse_attn_triton", "dense_attn_triton", "TUNING"]
 
 _LOG2E = 1.4426950408889634
 
@@ -71,6 +71,7 @@ TUNING = {
     "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
     "dkdv_rows": 64,            # query rows per step of the dK/dV loop
     "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
+    "dense_block": 64,          # key block of `dense_attn_triton` (no selection to match)
     "kv_tma": True,             # K/V blocks of the forward / dQ walks through TMA descriptors
     # (num_warps, num_stages) per kernel kind and head dim; nothing spills (ptxas report, sm_90).
     "fwd": {64: (4, 2), 128: (4, 2)},
@@ -680,9 +681,18 @@ def _any_dense(dense_len: int, dense_min: int, max_seqlen: int) -> bool:
     return dense_len > 0 and max(dense_min, 0) + 1 < min(dense_len, max_seqlen + 1)
 
 
+def _all_dense(dense_len: int, dense_min: int, max_seqlen: int) -> bool:
+    """Whether every document (of 1..max_seqlen tokens) is dense: the sparse launches and tables are left out."""
+    return dense_min < 1 and (dense_len > max_seqlen)
+
+
 def _query_walks(block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
     """Query-side launches: (mode, rows, tokens per tile, tile_doc, tile_start, (lists, strides), skip, kind)."""
     walks = []
+    if _all_dense(dense_len, dense_min, max_seqlen):
+        rows_d, tok_d = _tile_rows(group, TUNING["dense_rows"])
+        doc_d, start_d, _ = _tiles(cu_seqlens, n_tokens, tok_d)
+        return [(2, rows_d, tok_d, doc_d, start_d, ((doc_d, doc_d, doc_d), (0, 0)), None, "dense")]
     (rows_n, tok_n), wide = _sparse_plan(group)
     tiles_n = _tiles(cu_seqlens, n_tokens, tok_n)
     mode_n, lists_n, strides_n, count_n = _walk_lists(block_idx, cu_seqlens, tiles_n[0], tiles_n[1], tok_n,
@@ -773,15 +783,21 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
 
     blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)
     n_blk_tiles = blk_doc.numel()
-    qtok, offsets = _inverted_index(block_idx, cu_seqlens, first_block, n_blk_tiles)
     chunk = TUNING["dkdv_chunk"]
-    ex_key, ex_lo, ex_first, n_items = _list_chunks(offsets, qtok.numel(), chunk)
-    dk_part = _empty((n_items, block_size, d), dtype=torch.float32, device=q.device)
-    dv_part = _empty_like(dk_part)
     rows, tok = _tile_rows(group, TUNING["dkdv_rows"])
-    phases = [(2, (n_items, 1)), (1, (n_blk_tiles, h_kv))]
-    if _any_dense(dense_len, dense_min, max_seqlen):
-        phases.append((0, (n_blk_tiles, h_kv)))
+    if _all_dense(dense_len, dense_min, max_seqlen):
+        # Only the dense phase runs; the sparse tables it is passed are never read.
+        qtok = offsets = ex_key = ex_lo = ex_first = blk_doc
+        dk_part = dv_part = dk
+        phases = [(0, (n_blk_tiles, h_kv))]
+    else:
+        qtok, offsets = _inverted_index(block_idx, cu_seqlens, first_block, n_blk_tiles)
+        ex_key, ex_lo, ex_first, n_items = _list_chunks(offsets, qtok.numel(), chunk)
+        dk_part = _empty((n_items, block_size, d), dtype=torch.float32, device=q.device)
+        dv_part = _empty_like(dk_part)
+        phases = [(2, (n_items, 1)), (1, (n_blk_tiles, h_kv))]
+        if _any_dense(dense_len, dense_min, max_seqlen):
+            phases.append((0, (n_blk_tiles, h_kv)))
     for phase, grid in phases:
         _dkdv_kernel[grid](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk_doc, blk_start, offsets, qtok,
@@ -871,4 +887,23 @@ def block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, bloc
     out, _ = _attn_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), block_idx.contiguous(),
                           cu_seqlens.contiguous(), max_seqlen, block_size, float(scale), dense_len,
                           dense_min)
+    return out
+
+
+def dense_attn_triton(q, k, v, cu_seqlens, max_seqlen, *, softmax_scale=None):
+    """Causal attention within each document through the dense mode of the kernels above (every document
+    dense: no selection, no sparse tables). Same inputs as `block_sparse_attn_triton` without block_idx;
+    reads nothing back to the host. Returns [N, H_q, d] in q's dtype, differentiable in q, k, v."""
+    n, _, h_kv, d = check_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens, q.device)
+    check_max_seqlen(max_seqlen)
+    block_size = TUNING["dense_block"]
+    _check_kernel_shapes(d, block_size)
+    if q.dtype == torch.float64:
+        raise TypeError("q: the Triton kernel takes float16 / bfloat16 / float32, got float64")
+    scale = resolve_softmax_scale(softmax_scale, d)
+    # Never read in the all-dense launches; one broadcast element stands in for [H_kv, N, 1].
+    no_blocks = torch.full((1, 1, 1), -1, dtype=torch.int32, device=q.device).expand(h_kv, n, 1)
+    out, _ = _attn_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), no_blocks, cu_seqlens.contiguous(),
+                          max_seqlen, block_size, float(scale), max_seqlen + 1, 0)
     return out
