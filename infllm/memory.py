@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -81,19 +82,28 @@ def apply_tiled_mlp(model: nn.Module, tile_tokens: Optional[int] = None) -> int:
 class HostOffload(torch.autograd.graph.saved_tensors_hooks):
     """Saved tensors of at least `min_bytes` (parameters excepted) go to pinned host memory when saved and come
     back when the backward unpacks them. Copies are queued on the current stream, which orders them against
-    the compute that produced and the compute that reads them. Counts what it moved (`stats`)."""
+    the compute that produced and the compute that reads them. A tensor saved twice (a norm's input) is copied
+    once. Counts what it moved (`stats`)."""
 
     def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES, stats: Optional[Dict[str, int]] = None):
         self.min_bytes = min_bytes
         self.stats = stats if stats is not None else {"tensors": 0, "bytes": 0}
+        # (data_ptr, dtype, shape, stride) -> (weakref to the device tensor, host copy): a live weakref means the
+        # very same tensor, whose memory no other tensor can hold meanwhile.
+        self._copies: Dict[tuple, tuple] = {}
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
         if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes or t.layout != torch.strided:
             return t
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        seen = self._copies.get(key)
+        if seen is not None and seen[0]() is t:
+            return (t.device, seen[1])
         pin = t.device.type == "cuda"
         host = torch.empty(t.size(), dtype=t.dtype, pin_memory=pin)
         host.copy_(t, non_blocking=pin)
+        self._copies[key] = (weakref.ref(t), host)
         self.stats["tensors"] += 1
         self.stats["bytes"] += host.numel() * host.element_size()
         return (t.device, host)
