@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from infllm.config import Config, ConfigError, to_object
+from infllm.engine import resolve_device, use_bf16
 from infllm.eval import run_suite
 
 log = logging.getLogger("eval")
@@ -80,13 +81,13 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_object(dcfg)
     out_dir = cfg.eval.out_dir or cfg.output_dir
     model, tokenizer = build_model(cfg)
-    device = "cuda" if cfg.trainer.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.trainer.device).type
     model.to(device)
     metrics_path = cfg.eval.metrics_file or _find_metrics(cfg.eval.checkpoint)
     log.info("evaluating %s on %s -> %s", cfg.eval.checkpoint or "the configured model", device, out_dir)
     # bf16 autocast on GPU as in training (the sparse kernels want it); exact fp32 on CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"
-                              and cfg.trainer.precision in ("auto", "bf16"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=device == "cuda" and use_bf16(cfg.trainer.precision, device))
     with autocast:
         metrics = run_suite(model, tokenizer, cfg.eval, out_dir, data_cfg=cfg.data, metrics_path=metrics_path,
                             title=cfg.eval.checkpoint or getattr(model.config, "name_or_path", None))

@@ -43,10 +43,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 import kernels  # noqa: E402
 from kernels.infllm_v2 import attention as attn  # noqa: E402
 
-try:
-    from kernels.infllm_v2.select import infllm_v2_select_triton
-except ImportError:  # the selection kernel is another helper's; the table says so when it is missing
-    infllm_v2_select_triton = None
+from kernels.infllm_v2.select import infllm_v2_select_triton  # noqa: E402
 
 # name -> (H_q, H_kv, d)
 SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64)}

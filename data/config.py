@@ -9,23 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from infllm.errors import ConfigError, DataError
+
+__all__ = ["DataConfig", "SourceConfig", "DataError", "as_data_config"]
+
 SOURCE_KINDS = ("auto", "stdlib", "jsonl", "json", "parquet", "text", "arrow", "hf_saved", "hub", "prepared")
 TEXT_UNITS = ("document", "line", "paragraph")
 
 
-def _config_error(message: str) -> Exception:
-    # infllm.config imports this module at its top, so its error class is looked up lazily; to_object()
-    # recognises it and surfaces the message unchanged.
-    try:
-        from infllm.config import ConfigError
-    except ImportError:  # pragma: no cover - data/ used on its own
-        return ValueError(message)
-    return ConfigError(message)
-
-
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise _config_error(f"{name}: {msg}")
+        raise ConfigError(f"{name}: {msg}")
 
 
 @dataclass
@@ -162,8 +156,3 @@ def as_data_config(cfg: Any) -> DataConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
     return OmegaConf.to_object(merged)
-
-
-class DataError(ValueError):
-    """Bad data input (a missing or unreadable path, an empty corpus, a mismatched shard, a bad document
-    under on_bad_document=error): the message names the file, field or setting and what was expected."""

@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from infllm.config import AttentionConfig, ConfigError
+from infllm.modes import ATTENTION_MODES
 
 log = logging.getLogger(__name__)
 
 ATTN_SPARSE = "infllm_v2"
 ATTN_DENSE = "infllm_dense"
-MODES = ("dense", "sparse", None)
+MODES = ATTENTION_MODES
 
 # The fields written to `config.sparse_config`: MiniCPM4's names, then ours.
 SPARSE_CONFIG_FIELDS = ("block_size", "kernel_size", "kernel_stride", "init_blocks", "window_size", "topk",
@@ -207,17 +208,22 @@ class ProbeCall:
 class _Runtime:
     def __init__(self, cfg: AttentionConfig) -> None:
         self.cfg = cfg
-        self.mode: Optional[str] = None
+        # One of ATTENTION_MODES (infllm/modes.py), set by `attention_mode`.
+        self.mode: str = "model"
         self.stats = _StatsAccumulator()
         # Diagnostics only (infllm.eval's selection probe): called with a ProbeCall before each sparse-path
         # attention; None (the default) costs one attribute check per layer.
         self.probe: Optional[Callable[[ProbeCall], None]] = None
+        # Sequence parallelism that splits a query group over ranks (infllm/parallel/sequence.py): (q, k) ->
+        # the whole groups' queries for the selection, or None when q holds whole groups.
+        self.group_query_gather: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None
         self._bounds_key: Optional[Tuple[Any, ...]] = None
         self._bounds_value: Optional[Tuple[torch.Tensor, int, bool]] = None
 
     def effective_mode(self) -> str:
-        """dense | sparse | switch (per document by dense_len)."""
-        if self.mode is not None:
+        """What this call does: dense | sparse | switch ("model" resolved: per document by dense_len for
+        InfLLM-V2, dense for a dense model)."""
+        if self.mode != "model":
             return self.mode
         return "dense" if self.cfg.name == "dense" else "switch"
 
@@ -314,8 +320,11 @@ def _document_bounds(rt: _Runtime, kwargs: Dict[str, Any], B: int, L: int,
     return _rows_as_documents(B, L, device), L, True
 
 
-def _refuse_runtime_features(module: torch.nn.Module, dropout: float, is_causal: Optional[bool],
-                             kwargs: Dict[str, Any]) -> None:
+def _refuse_runtime_features(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             dropout: float, is_causal: Optional[bool], kwargs: Dict[str, Any]) -> None:
+    if not query.shape[-1] == key.shape[-1] == value.shape[-1]:
+        raise ValueError(f"InfLLM attention needs equal q/k/v head dims, got {query.shape[-1]}, "
+                         f"{key.shape[-1]}, {value.shape[-1]}")
     if kwargs.get("output_attentions"):
         raise ValueError("output_attentions=True: InfLLM attention never materialises attention weights; "
                          "use attn_implementation='eager' to inspect them")
@@ -376,75 +385,94 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                              **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers' attention-function signature; returns ([B, L, H_q, d], None)."""
-    from kernels import infllm_v2_attn_varlen, infllm_v2_select
-    from kernels.dense import dense_attn_varlen, sdpa_causal
-
     rt = _runtime_of(module)
-    _refuse_runtime_features(module, dropout, is_causal, kwargs)
-    if query.shape[-1] != value.shape[-1] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"InfLLM attention needs equal q/k/v head dims, got {query.shape[-1]}, "
-                         f"{key.shape[-1]}, {value.shape[-1]}")
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Under autocast HF's RoPE returns fp32 q/k (fp32 cos/sin) beside a bf16 v; SDPA would be cast by
-        # autocast, the kernels are not, so cast here the same way.
-        dtype = torch.get_autocast_dtype(device_type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    _refuse_runtime_features(module, query, key, value, dropout, is_causal, kwargs)
+    query, key, value = _autocast_inputs(query, key, value)
     B, Hq, L, d = query.shape
-    Lk = key.shape[2]
-    if Lk != L or attention_mask is not None:
+    if key.shape[2] != L or attention_mask is not None:
         return _sdpa_with_cache(query, key, value, attention_mask, scaling), None
 
-    mode = rt.effective_mode()
-    cfg = rt.cfg
     cu, max_seqlen, one_per_row = _document_bounds(rt, kwargs, B, L, query.device)
-    triton_path = cfg.impl == "triton" or (cfg.impl == "auto" and query.is_cuda)
+    mode, dense_len = _resolve_mode(rt, max_seqlen, query.is_cuda)
+    first_layer = getattr(module, "layer_idx", 0) in (0, None) and not _in_backward()
+    if rt.stats.enabled and first_layer:
+        _record_density(rt, cu, mode, dense_len)
+    if mode == "dense":
+        out = _dense_forward(rt, query, key, value, cu, max_seqlen, one_per_row, scaling)
+    else:
+        out = _sparse_forward(rt, module, query, key, value, cu, max_seqlen, dense_len, scaling, first_layer)
+    return out.reshape(B, L, Hq, d), None
+
+
+def _autocast_inputs(query, key, value):
+    """Under autocast HF's RoPE returns fp32 q/k (fp32 cos/sin) beside a bf16 v; SDPA would be cast by
+    autocast, the kernels are not, so cast here the same way."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
+
+def _resolve_mode(rt: _Runtime, max_seqlen: int, on_cuda: bool) -> Tuple[str, int]:
+    """(dense | sparse | switch, the kernels' dense_len: -1 = every document sparse)."""
+    mode, cfg = rt.effective_mode(), rt.cfg
+    triton_path = cfg.impl == "triton" or (cfg.impl == "auto" and on_cuda)
     if mode == "switch" and cfg.dense_len != -1 and max_seqlen < cfg.dense_len and not triton_path:
         # Every document is short: skip selection on the reference path. The Triton path keeps these rows:
         # its kernel runs dense documents itself with no host sync, where the dense fallback without flash-attn
         # loops over documents on the host (34 ms vs 3.8 ms per layer on 64 x 512 tokens, H100).
         mode = "dense"
-    dense_len = -1 if mode == "sparse" else cfg.dense_len
+    return mode, (-1 if mode == "sparse" else cfg.dense_len)
 
-    acc = rt.stats
-    if acc.enabled and getattr(module, "layer_idx", 0) in (0, None) and not _in_backward():
-        with torch.no_grad():
-            lengths = cu[1:] - cu[:-1]
-            attended, causal = _block_counts(lengths, cfg.block_size, cfg.k_eff)
-            if mode == "dense":
-                is_sparse = torch.zeros_like(lengths, dtype=torch.bool)
-            elif dense_len == -1:
-                is_sparse = torch.ones_like(lengths, dtype=torch.bool)
-            else:
-                is_sparse = lengths >= dense_len
-            lf = lengths.to(torch.float64)
-            sums = torch.stack([(lf * is_sparse).sum(), (lf * ~is_sparse).sum(),
-                                torch.where(is_sparse, attended, causal).sum(), causal.sum()])
-            acc.add(sums)
 
-    if mode == "dense":
-        if one_per_row:
-            out = sdpa_causal(query, key, value, scaling if scaling is not None else d ** -0.5)
-            return out.transpose(1, 2), None
-        out = dense_attn_varlen(_to_varlen(query), _to_varlen(key), _to_varlen(value), cu, max_seqlen,
-                                softmax_scale=scaling, backend=_DENSE_BACKENDS[cfg.dense_backend])
-        return out.reshape(B, L, Hq, d), None
+def _record_density(rt: _Runtime, cu: torch.Tensor, mode: str, dense_len: int) -> None:
+    """Adds this forward's token and block counts to the stats (on the device, no host sync)."""
+    with torch.no_grad():
+        lengths = cu[1:] - cu[:-1]
+        attended, causal = _block_counts(lengths, rt.cfg.block_size, rt.cfg.k_eff)
+        if mode == "dense":
+            is_sparse = torch.zeros_like(lengths, dtype=torch.bool)
+        elif dense_len == -1:
+            is_sparse = torch.ones_like(lengths, dtype=torch.bool)
+        else:
+            is_sparse = lengths >= dense_len
+        lf = lengths.to(torch.float64)
+        rt.stats.add(torch.stack([(lf * is_sparse).sum(), (lf * ~is_sparse).sum(),
+                                  torch.where(is_sparse, attended, causal).sum(), causal.sum()]))
+
+
+def _dense_forward(rt: _Runtime, query, key, value, cu, max_seqlen: int, one_per_row: bool,
+                   scaling: Optional[float]) -> torch.Tensor:
+    from kernels.dense import dense_attn_varlen, sdpa_causal
+
+    if one_per_row:
+        return sdpa_causal(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5) \
+            .transpose(1, 2)
+    return dense_attn_varlen(_to_varlen(query), _to_varlen(key), _to_varlen(value), cu, max_seqlen,
+                             softmax_scale=scaling, backend=_DENSE_BACKENDS[rt.cfg.dense_backend])
+
+
+def _sparse_forward(rt: _Runtime, module, query, key, value, cu, max_seqlen: int, dense_len: int,
+                    scaling: Optional[float], first_layer: bool) -> torch.Tensor:
+    from kernels import infllm_v2_attn_varlen, infllm_v2_select
 
     q, k, v = _to_varlen(query), _to_varlen(key), _to_varlen(value)
     kw = rt.kernel_kwargs()
+    select_q = rt.group_query_gather(q, k) if rt.group_query_gather is not None else None
     if rt.probe is not None and not _in_backward():
         rt.probe(ProbeCall(layer_idx=getattr(module, "layer_idx", None), q=q.detach(), k=k.detach(),
                            cu_seqlens=cu, max_seqlen=max_seqlen, softmax_scale=scaling, dense_len=dense_len,
                            kernel_kwargs=dict(kw)))
-    if acc.time_selection and getattr(module, "layer_idx", 0) in (0, None) and not _in_backward():
-        # Measurement mode: selection is fused into infllm_v2_attn_varlen, so it is timed by one extra call.
-        with torch.no_grad(), acc.timer("select", query.device):
-            infllm_v2_select(q, k, cu, max_seqlen, softmax_scale=scaling, **kw)
-        with acc.timer("attention", query.device):
-            out = infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling, **kw)
-    else:
-        out = infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling, **kw)
-    return out.reshape(B, L, Hq, d), None
+    if not (rt.stats.time_selection and first_layer):
+        return infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling,
+                                     select_q=select_q, **kw)
+    # Measurement mode: selection is fused into infllm_v2_attn_varlen, so it is timed by one extra call.
+    with torch.no_grad(), rt.stats.timer("select", query.device):
+        infllm_v2_select(q if select_q is None else select_q, k, cu, max_seqlen, softmax_scale=scaling, **kw)
+    with rt.stats.timer("attention", query.device):
+        return infllm_v2_attn_varlen(q, k, v, cu, max_seqlen, dense_len=dense_len, softmax_scale=scaling,
+                                     select_q=select_q, **kw)
 
 
 def infllm_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -558,10 +586,8 @@ def apply_attention(model: torch.nn.Module, attn_cfg: AttentionConfig) -> torch.
         attn_cfg = AttentionConfig(**attn_cfg)
     if attn_cfg.name == "infllm_v1":
         # Training-free context memory (eval only) lives in its own module; one entry point for load_model.
-        try:
-            from infllm.attention_v1 import apply_infllm_v1
-        except ImportError as e:
-            raise ConfigError(f"attention.name: infllm_v1 needs infllm.attention_v1, which failed to import ({e})")
+        from infllm.attention_v1 import apply_infllm_v1
+
         return apply_infllm_v1(model, attn_cfg)
     check_supported(model, attn_cfg)
     impl = ATTN_DENSE if attn_cfg.name == "dense" else ATTN_SPARSE
@@ -599,13 +625,22 @@ def _runtime_setting(model: torch.nn.Module, name: str, value: Any, caller: str)
 
 
 @contextlib.contextmanager
-def attention_mode(model: torch.nn.Module, mode: Optional[str]) -> Iterator[torch.nn.Module]:
+def attention_mode(model: torch.nn.Module, mode: str) -> Iterator[torch.nn.Module]:
     """Within the block: "dense" attends densely everywhere, "sparse" sparsely everywhere (dense_len = -1),
-    None per config (dense_len switch, or always dense for name=dense). Restores the previous mode."""
+    "model" per config (dense_len switch, or always dense for name=dense); see infllm/modes.py. Restores the
+    previous mode."""
     if mode not in MODES:
-        raise ValueError(f"attention_mode: expected 'dense', 'sparse' or None, got {mode!r}")
+        raise ValueError(f"attention_mode: expected one of {', '.join(MODES)}, got {mode!r}")
     with _runtime_setting(model, "mode", mode, "attention_mode"):
         yield model
+
+
+def set_group_query_gather(model: torch.nn.Module,
+                           fn: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]]) -> None:
+    """Install (or remove, with None) the function that gives the selection the whole query groups when a
+    layer holds only part of a group's heads (sequence parallelism; infllm/parallel/sequence.py)."""
+    for rt in _runtimes(model):
+        rt.group_query_gather = fn
 
 
 @contextlib.contextmanager
@@ -654,6 +689,6 @@ def expected_density(seq_len: int, cfg: AttentionConfig) -> float:
 
 
 __all__ = ["ATTN_SPARSE", "ATTN_DENSE", "ProbeCall", "SparseStats", "apply_attention", "attention_config_from_hf",
-           "attention_config_of", "attention_mode", "check_supported", "configure_sparse_stats",
-           "expected_density", "get_sparse_stats", "infllm_attention_forward", "register", "reset_sparse_stats",
+           "attention_config_of", "attention_mode", "check_supported", "configure_sparse_stats", "expected_density",
+           "set_group_query_gather", "get_sparse_stats", "infllm_attention_forward", "register", "reset_sparse_stats",
            "selection_probe", "sparse_config_dict"]

@@ -14,11 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.config import DataConfig
+from infllm.errors import ConfigError
 from infllm.eval.config import EvalConfig
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
@@ -216,20 +213,20 @@ class TrainerConfig:
     # and log sparse/select_step_share, the estimated share of the step spent selecting blocks.
     time_selection: bool = False
     # The language-model loss: plain (full logits, as transformers computes them) | fused (logits made and
-    # Fused loss: tokens whose logits are made at once (0 = auto, about 1 GiB of fp32 logits per chunk).
-    loss_chunk_tokens: int = 0
     # consumed chunk by chunk, never the whole [tokens, vocab] at once) | auto (fused where it works).
     loss: str = "auto"
+    # Fused loss: tokens whose logits are made at once (0 = auto, about 1 GiB of fp32 logits per chunk).
+    loss_chunk_tokens: int = 0
     # DeepSpeed TiledMLP: each decoder MLP runs over sequence tiles, recomputed in the backward.
     tiled_mlp: bool = False
     # Activations saved for the backward (the layer inputs kept by gradient checkpointing) live in host memory.
     activation_offload: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens",
-               f"must be >= 0 (0 = auto), got {self.loss_chunk_tokens}")
         _check(self.loss in ("auto", "plain", "fused"), "trainer.loss",
                f"expected auto, plain or fused, got {self.loss!r}")
+        _check(self.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens",
+               f"must be >= 0 (0 = auto), got {self.loss_chunk_tokens}")
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):
             _check(getattr(self, name) > 0, f"trainer.{name}", f"must be a positive integer, got {getattr(self, name)}")
         _check(self.precision in ("auto", "bf16", "fp32"), "trainer.precision",
@@ -270,7 +267,7 @@ class LoggerConfig:
 
 @dataclass
 class ParallelConfig:
-    # single (one process) | deepspeed (torchrun + DeepSpeed ZeRO; see infllm/parallel.py, launch/README.md)
+    # single (one process) | deepspeed (torchrun + DeepSpeed ZeRO; see infllm/parallel/, launch/README.md)
     engine: str = "single"
     # 1: optimizer state sharded | 2: + gradients | 3: + parameters (gathered layer by layer)
     zero_stage: int = 2
@@ -316,14 +313,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # train | eval
-    task: str = "train"
     run_name: str = "run"
     # The run directory (checkpoints, logs, final model). Hydra sets it per run.
     output_dir: str = MISSING
-
-    def __post_init__(self) -> None:
-        _check(self.task in ("train", "eval"), "task", f"expected train or eval, got {self.task!r}")
 
 
 def _cuda_or(gpu_value, cpu_value):

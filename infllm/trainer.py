@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,18 +18,13 @@ from omegaconf import OmegaConf
 
 from data.batch import IGNORE_INDEX, PackedBatch
 from infllm import checkpoint as ckpt
-from infllm.config import Config, ConfigError
+from infllm.config import Config
+from infllm.engine import Engine, save_hf
+from infllm.errors import ConfigError
+from infllm.attention import configure_sparse_stats, expected_density, get_sparse_stats, reset_sparse_stats
 from infllm.metrics import MetricsLogger, causal_pairs, device_peak_tflops, train_flops
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: cuda was asked for but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
 
 
 def model_fingerprint(model: torch.nn.Module) -> Dict[str, Any]:
@@ -49,26 +43,8 @@ def warn_if_beyond_native_length(model: torch.nn.Module, seq_len: int, cfg: Conf
                     seq_len, native)
 
 
-def save_hf(model: torch.nn.Module, tokenizer, out_dir: str,
-            state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
-    """Export in Hugging Face format, atomically: plain transformers loads it (sparse_config documents the
-    attention it was trained with). `state_dict`: the weights when the module does not hold them (ZeRO-3)."""
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    import shutil
-
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
 class Trainer:
-    def __init__(self, cfg: Config, engine, tokenizer, loader, run_dir: str):
+    def __init__(self, cfg: Config, engine: Engine, tokenizer, loader, run_dir: str):
         self.cfg = cfg
         self.engine = engine
         self.tokenizer = tokenizer
@@ -103,14 +79,12 @@ class Trainer:
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
         if cfg.trainer.time_selection and attn.name == "infllm_v2":
-            from infllm.attention import configure_sparse_stats
-
             configure_sparse_stats(model, time_selection=True)
         _log_attention(attn, cfg.trainer.seq_len)
         engine = build_engine(model, cfg, setup)
         loader = build_train_loader(cfg.data, tokenizer, seq_len=cfg.trainer.seq_len,
-                                    micro_batch_size=cfg.trainer.micro_batch_size, rank=engine.rank,
-                                    world_size=engine.world_size, seed=cfg.trainer.seed)
+                                    micro_batch_size=cfg.trainer.micro_batch_size, rank=engine.dp_rank,
+                                    world_size=engine.dp_size, seed=cfg.trainer.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
         return cls(cfg, engine, tokenizer, loader, cfg.output_dir)
 
@@ -126,7 +100,7 @@ class Trainer:
         files[f"rng_rank{rank}.pt"] = ckpt.torch_save(ckpt.rng_state())
         files[f"trainer_state_rank{rank}.json"] = lambda path: ckpt.write_json(path, self.state())
         return ckpt.save_checkpoint(self.run_dir, self.step, files, self.cfg.checkpoint.keep_last,
-                                    is_main=self.is_main, barrier=getattr(self.engine, "barrier", None))
+                                    is_main=self.is_main, barrier=self.engine.barrier)
 
     def load_checkpoint(self, path: str) -> None:
         ckpt.verify_checkpoint(path)
@@ -211,7 +185,7 @@ class Trainer:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 batches = self._micro_batches(it)
-                _reset_sparse_stats(model)
+                reset_sparse_stats(model)
                 out = self.train_step(batches)
                 if out["grad_norm"] is None or out["loss"] != out["loss"] or abs(out["loss"]) == float("inf"):
                     self.nonfinite_steps += 1
@@ -261,8 +235,7 @@ class Trainer:
 
     def export_hf(self) -> Optional[str]:
         out = os.path.join(self.run_dir, "final")
-        path = self.engine.export_hf(out, self.tokenizer) if hasattr(self.engine, "export_hf") else \
-            save_hf(self.engine.module, self.tokenizer, out)
+        path = self.engine.export_hf(out, self.tokenizer)
         if self.is_main:
             log.info("final model (Hugging Face format) written to %s", path)
             print(f"final model written to {path}", flush=True)
@@ -273,15 +246,11 @@ class Trainer:
         (`engine.gathered()`, a collective) and wait there until rank 0 is done; under ZeRO-1/2 rank 0 alone
         evaluates (the weights are whole on every rank) and the others wait at the next step's first collective.
         The torch RNG is restored afterwards, so the eval cannot change how training goes on."""
-        try:
-            from infllm.eval import run_suite
-        except ImportError:
-            log.warning("eval.every_steps is set but infllm.eval.run_suite is unavailable")
-            return {}
+        from infllm.eval import run_suite
+
         engine = self.engine
-        gathered = getattr(engine, "gathered", None)
         results: Dict[str, Any] = {}
-        with gathered() if gathered is not None else contextlib.nullcontext(engine.module) as model:
+        with engine.gathered() as model:
             if self.is_main:
                 devices = [engine.device] if engine.device.type == "cuda" else []
                 model.eval()
@@ -328,8 +297,6 @@ def _log_attention(attn, seq_len: int) -> None:
     if attn.name != "infllm_v2":
         log.info("attention: %s", attn.name)
         return
-    from infllm.attention import expected_density
-
     msg = (f"attention: InfLLM-V2 sparse, k_eff={attn.k_eff} blocks of {attn.block_size} tokens "
            f"({attn.k_eff * attn.block_size} keys per query), dense below {attn.dense_len} tokens; a "
            f"{seq_len}-token document attends {expected_density(seq_len, attn):.0%} of its causal key blocks")
@@ -345,17 +312,5 @@ def _plain(cfg: Config) -> Dict[str, Any]:
 
 
 def _get_sparse_stats(model) -> Dict[str, Any]:
-    try:
-        from infllm.attention import get_sparse_stats
-    except ImportError:
-        return {}
     stats = get_sparse_stats(model)
     return stats.as_dict() if stats is not None else {}
-
-
-def _reset_sparse_stats(model) -> None:
-    try:
-        from infllm.attention import reset_sparse_stats
-    except ImportError:
-        return
-    reset_sparse_stats(model)

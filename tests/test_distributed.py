@@ -244,7 +244,7 @@ def test_zero3_zero_init_off_trains_like_on_and_like_one_process(tmp_path, zero3
 def test_zero_init_each_rank_holds_only_its_partition_of_the_one_process_weights(tmp_path):
     from infllm.engine import build_optimizer
     from infllm.model import count_parameters, load_model
-    from infllm.trainer import save_hf
+    from infllm.checkpoint import save_hf
 
     run, model_dir = str(tmp_path / "zero_init"), str(tmp_path / "model")
     expected = {}

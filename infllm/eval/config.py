@@ -8,18 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from infllm.errors import ConfigError
+from infllm.modes import ATTENTION_MODES
+
 TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
               "variable_tracking", "common_words")
-MODES = ("dense", "sparse", "model")
-
-
-class EvalConfigError(ValueError):
-    """An eval config value that cannot work; the message names the field."""
+MODES = ATTENTION_MODES
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
-        raise EvalConfigError(f"{field_name}: {msg}")
+        raise ConfigError(f"{field_name}: {msg}")
 
 
 @dataclass

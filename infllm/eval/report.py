@@ -7,6 +7,8 @@ import os
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from infllm.modes import ATTENTION_MODES
+
 RESULTS_JSON = "eval_results.json"
 REPORT_MD = "eval_report.md"
 HEATMAP_PNG = "needle_heatmap.png"
@@ -70,7 +72,7 @@ def _pct(x: float) -> str:
 
 
 def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Dict[str, Any]) -> str:
-    modes = sorted({r["mode"] for r in records} | set(ppl), key=lambda m: ("dense", "sparse", "model").index(m))
+    modes = sorted({r["mode"] for r in records} | set(ppl), key=ATTENTION_MODES.index)
     tasks = list(dict.fromkeys(r["task"] for r in records))
     lines = ["# Long-context eval", ""]
     lines += [f"- {k}: {v}" for k, v in header.items() if v is not None]
@@ -215,7 +217,7 @@ def plot_heatmaps(records: Sequence[Dict[str, Any]], path: str) -> Optional[str]
     plt = _plt()
     acc = aggregate(records, "exact")
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    modes = [m for m in ("dense", "sparse", "model") if any(r["mode"] == m for r in records)]
+    modes = [m for m in ATTENTION_MODES if any(r["mode"] == m for r in records)]
     lengths = sorted({r["length"] for r in records})
     panels = [(t, m) for t in tasks for m in modes]
     ncols = min(len(panels), max(len(modes), 4 // len(modes) * len(modes)))

@@ -29,19 +29,18 @@ def mode_context(model, mode: str):
     """The attention switch for `mode`, or None when the mode cannot run on this model: without the
     InfLLM swap (infllm.attention absent, or a model that never went through apply_attention) only the
     model's own attention exists, which serves "dense" and "model" but not "sparse"."""
+    from infllm.attention import attention_config_of, attention_mode
+
     try:
-        from infllm.attention import attention_config_of, attention_mode
         attention_config_of(model)
-    except (ImportError, ValueError):
+    except ValueError:
         return None if mode == "sparse" else contextlib.nullcontext()
-    return attention_mode(model, {"dense": "dense", "sparse": "sparse", "model": None}[mode])
+    return attention_mode(model, mode)
 
 
 def _default_data_cfg():
-    try:
-        from data.config import DataConfig
-    except ImportError:
-        return None
+    from data.config import DataConfig
+
     return DataConfig()
 
 

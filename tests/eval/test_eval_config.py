@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from infllm.eval.config import EvalConfig, EvalConfigError
+from infllm.errors import ConfigError
+from infllm.eval.config import EvalConfig
 from tests.helpers import CONF_DIR, compose_config
 
 EVAL_PRESETS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "eval")) if f.endswith(".yaml"))
@@ -32,10 +33,10 @@ def test_override_from_command_line():
     ({"samples": 0}, "eval.samples"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
-    with pytest.raises(EvalConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         EvalConfig(**kwargs)
 
 
 def test_bad_value_fails_at_compose_time():
-    with pytest.raises(EvalConfigError, match=r"eval\.samples"):
+    with pytest.raises(ConfigError, match=r"eval\.samples"):
         compose_config(["eval.samples=0"])

@@ -167,7 +167,7 @@ def test_attention_mode_switches():
         close(model(ids).logits, ref)
         with attention_mode(model, "sparse"):
             close(model(ids).logits, sparse)
-    with pytest.raises(ValueError, match="expected 'dense', 'sparse' or None"):
+    with pytest.raises(ValueError, match="expected one of dense, sparse, model, got 'fast'"):
         with attention_mode(model, "fast"):
             pass
 
