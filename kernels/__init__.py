@@ -26,6 +26,7 @@ from kernels.infllm_v2._validate import (
     check_max_seqlen,
     check_qk,
     check_qkv,
+    check_select_q,
     check_sparse_config,
     resolve_softmax_scale,
 )
@@ -108,15 +109,21 @@ def block_sparse_attn_varlen(q, k, v, block_idx, cu_seqlens, max_seqlen, *, bloc
 
 def infllm_v2_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, block_size=64, kernel_size=32, kernel_stride=16,
                           init_blocks=1, window_size=2048, topk=64, dense_len=8192, lse_approx=True,
-                          softmax_scale=None, impl="auto", check=None):
+                          softmax_scale=None, impl="auto", check=None, select_q=None):
     """InfLLM-V2 attention: documents shorter than dense_len (unless -1) attend densely and causally, the
     others attend their k_eff selected blocks. q [N, H_q, d], k, v [N, H_kv, d] -> [N, H_q, d], q's dtype,
-    differentiable in q, k, v."""
+    differentiable in q, k, v.
+
+    select_q: the queries the block selection scores with, when they are not q: [N, G' * H_kv, d] holding the
+    whole query groups of k's heads while q holds only some heads of them (sequence parallelism that splits a
+    group over ranks; see kernels/infllm_v2/README.md). No gradient flows through it."""
     kwargs = dict(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
                   init_blocks=init_blocks, window_size=window_size, topk=topk, lse_approx=lse_approx)
+    if select_q is not None:
+        check_select_q(select_q, q, k)
     if not _use_triton(impl, q):
         return infllm_v2_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, dense_len=dense_len,
-                                           softmax_scale=softmax_scale, **kwargs)
+                                           softmax_scale=softmax_scale, select_q=select_q, **kwargs)
     n, _, _, d = check_qkv(q, k, v)
     sparse_cfg = check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
     check_dense_len(dense_len)
@@ -132,7 +139,9 @@ def infllm_v2_attn_varlen(q, k, v, cu_seqlens, max_seqlen, *, block_size=64, ker
     # 0..c" selections and run through the sparse launch was measured slower on an H100: 3.1 s vs 2.2 s per
     # step, SmolLM2 shape at 32k.)
     with torch.no_grad():
-        block_idx = select_triton(q.detach(), k.detach(), cu_seqlens, max_seqlen, softmax_scale=scale, **kwargs)
+        scoring_q = q if select_q is None else select_q
+        block_idx = select_triton(scoring_q.detach(), k.detach(), cu_seqlens, max_seqlen, softmax_scale=scale,
+                                  **kwargs)
     # Contract step 9: a document of T <= k_eff * B tokens selects every block 0..c for every token, so its sparse
     # output is dense attention already; only k_eff * B < T < dense_len needs the dense launch (the sparse one is
     # faster). dense_min is a Python int, so this costs no host sync.

@@ -133,6 +133,18 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int]:
     return n, h_q, h_kv, d
 
 
+def check_select_q(select_q, q, k) -> None:
+    """select_q [N, m * H_kv, d] (whole query groups of k's heads), q's dtype and device."""
+    _check_tensor("select_q", select_q)
+    n, d, h_kv = q.shape[0], q.shape[2], k.shape[1]
+    if select_q.dim() != 3 or select_q.shape[0] != n or select_q.shape[2] != d or select_q.shape[1] % h_kv:
+        raise ValueError(f"select_q: expected [N, m * H_kv, d] with N={n}, H_kv={h_kv}, d={d}, got "
+                         f"{_shape(select_q)}")
+    if select_q.dtype != q.dtype or select_q.device != q.device:
+        raise ValueError(f"select_q: must match q's dtype and device ({q.dtype}, {q.device}), got "
+                         f"{select_q.dtype}, {select_q.device}")
+
+
 def check_cu_seqlens(cu_seqlens, device: torch.device) -> int:
     """Metadata only (no host read). Returns n_docs."""
     _check_tensor("cu_seqlens", cu_seqlens)

@@ -266,9 +266,10 @@ def block_sparse_attn_naive(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block
 
 def infllm_v2_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, *, block_size=64, kernel_size=32,
                                 kernel_stride=16, init_blocks=1, window_size=2048, topk=64, dense_len=8192,
-                                lse_approx=True, softmax_scale=None):
+                                lse_approx=True, softmax_scale=None, select_q=None):
     """InfLLM-V2 attention (steps 1-9): documents shorter than dense_len attend densely and causally, the
-    others attend their selected blocks. [N, H_q, d], q's dtype, differentiable in q, k, v."""
+    others attend their selected blocks. [N, H_q, d], q's dtype, differentiable in q, k, v. `select_q`: the
+    queries the selection scores with when not q (whole groups of k's heads; see infllm_v2_attn_varlen)."""
     n, _, _, d = check_qkv(q, k, v)
     cfg = check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
     check_dense_len(dense_len)
@@ -282,6 +283,7 @@ def infllm_v2_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, *, block_size=6
             idx_doc = None
         else:
             with torch.no_grad():
-                idx_doc = select_doc(q_doc.detach(), k_doc.detach(), cfg, scale, lse_approx)
+                scoring_q = q_doc if select_q is None else select_q[start:end]
+                idx_doc = select_doc(scoring_q.detach(), k_doc.detach(), cfg, scale, lse_approx)
         docs.append(attend_doc(q_doc, k_doc, v_doc, idx_doc, block_size, scale))
     return torch.cat(docs, dim=0).to(q.dtype)
