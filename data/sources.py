@@ -389,7 +389,7 @@ def _hub_docs(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str
     reason = hub_offline_reason()
     if reason is not None:
         raise DataError(f"data.sources: hub dataset {src.location!r} needs the network, but the hub is offline "
-                        f"({reason}); prepare it once on a machine with network (python -m data.prepare), or "
+                        f"({reason}); prepare it once on a machine with network (python prepare.py), or "
                         "download it and point the source's path at the local files")
     import datasets
 
