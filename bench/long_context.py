@@ -174,6 +174,8 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
                 or cfg.trainer.activation_offload and not getattr(module.get_decoder(), "_infllm_offload", False):
             apply_memory_options(module, cfg.trainer)
         module.train()
+        head = module.get_output_embeddings()
+        row["fused_impl"] = getattr(head, "loss_impl", None) if isinstance(head, FusedLossLMHead) else None
         row["build_s"] = round(time.perf_counter() - t_start, 1)
         if cuda:
             row["static_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -200,6 +202,12 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         row["error"] = str(e).split("\n")[0][:300]
         if cuda:
             row["peak_before_oom_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    except Exception as e:  # a case that cannot run (a missing package, a kernel error) is a result too
+        import traceback
+
+        row["status"] = "error"
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["traceback"] = traceback.format_exc()[-1500:]
     finally:
         trainer = None
         data.build_train_loader = None
@@ -352,6 +360,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", action="store_true", help="the fused-loss implementations alone")
     p.add_argument("--loss-lengths", default="32k,128k")
+    p.add_argument("--loss-impls", default="plain,chunked,cce,liger,deepspeed")
+    p.add_argument("--fused-impl", default=None, help="the fused loss's implementation on CUDA (default: "
+                   "infllm.loss.CUDA_IMPL); a case that fails with it is run again with the chunked loss")
     p.add_argument("--case", action="append", default=[],
                    help="model:attention:seq_len:options:steps, e.g. 8b8l:infllm_v2:128k:all:12")
     p.add_argument("--probe", action="append", default=[],
@@ -373,15 +384,29 @@ def main(argv=None) -> None:
 
     if args.smoke:
         for options in ("none", "all"):
-            results.add("cases", run_case("tiny", "infllm_v2_cpu", 2048, options, 3, 1, 1024, args.tokens_file, 120))
+            results.add("cases", run_case("tiny", "infllm_v2_cpu", 1024, options, 2, 1, 512, args.tokens_file, 120))
         return
     if args.loss:
         results.add("loss_grads", loss_grads_agree())
         for n in (parse_len(s) for s in args.loss_lengths.split(",")):
             for vocab, hidden in ((49152, 4096), (128256, 2048)):
-                for impl in ("plain", "chunked", "cce", "liger", "deepspeed"):
+                for impl in args.loss_impls.split(","):
                     if left() > 0:
                         results.add("loss", bench_loss(n, vocab, hidden, impl))
+    import infllm.loss
+
+    if args.fused_impl:
+        infllm.loss.CUDA_IMPL = args.fused_impl
+
+    def case(spec, *a):
+        row = run_case(*a)
+        if row["status"] == "error" and row["loss"] == "fused" and infllm.loss.CUDA_IMPL != "chunked":
+            results.add("cases", dict(spec=spec, **row))
+            infllm.loss.CUDA_IMPL = "chunked"
+            row = run_case(*a)
+        results.add("cases", dict(spec=spec, **row))
+        return row
+
     for spec in args.case:
         model, attention, seq, options, steps = spec.split(":")
         seq_len = parse_len(seq)
@@ -389,18 +414,16 @@ def main(argv=None) -> None:
             results.add("cases", dict(spec=spec, status="skipped (budget)"))
             continue
         doc_len = parse_len(args.doc_len) or seq_len
-        row = run_case(model, attention, seq_len, options, int(steps), args.warmup, doc_len, args.tokens_file,
-                       min(args.case_s, left()))
-        results.add("cases", dict(spec=spec, **row))
+        case(spec, model, attention, seq_len, options, int(steps), args.warmup, doc_len, args.tokens_file,
+             min(args.case_s, left()))
     for spec in args.probe:
         model, attention, options, span = spec.split(":")
         lo, hi = (parse_len(s) for s in span.split("-"))
         seq_len = lo
         while seq_len <= hi and left() > 0:
             doc_len = parse_len(args.doc_len) or seq_len
-            row = run_case(model, attention, seq_len, options, args.probe_steps, args.probe_steps - 1, doc_len,
-                           args.tokens_file, min(args.case_s, left()))
-            results.add("cases", dict(spec=f"probe {model}:{attention}:{fmt_len(seq_len)}:{options}", **row))
+            row = case(f"probe {model}:{attention}:{fmt_len(seq_len)}:{options}", model, attention, seq_len, options,
+                       args.probe_steps, args.probe_steps - 1, doc_len, args.tokens_file, min(args.case_s, left()))
             if row["status"] != "ok" or len(row["step_s"]) < args.probe_steps:
                 break
             seq_len *= 2

@@ -22,6 +22,7 @@ Implementations (`linear_cross_entropy_sum(..., impl=)`), compared in bench/long
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Optional
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 IMPLS = ("chunked", "cce", "liger", "deepspeed")
 # What `auto`/`fused` use on CUDA (measured: bench/README.md "Long context"); elsewhere the chunked loss.
-CUDA_IMPL = "chunked"
+CUDA_IMPL = "liger"
 # Logits of one chunk, in fp32 bytes, when trainer.loss_chunk_tokens is 0 (auto).
 CHUNK_BYTES = 1 << 30
 # Model types whose causal-LM head is exactly `lm_head(last_hidden_state)` followed by ForCausalLMLoss (no
@@ -249,8 +250,13 @@ def apply_loss(model: nn.Module, trainer_cfg, device_type: Optional[str] = None)
     head = model.get_output_embeddings()
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    impl = CUDA_IMPL if device_type == "cuda" else "chunked"
+    package = {"cce": "cut_cross_entropy", "liger": "liger_kernel", "deepspeed": "deepspeed"}.get(impl)
+    if package is not None and importlib.util.find_spec(package) is None:
+        log.warning("trainer.loss: %s is not installed; the fused loss uses the chunked implementation", package)
+        impl = "chunked"
     head.__class__ = FusedLossLMHead
-    head.loss_impl = CUDA_IMPL if device_type == "cuda" else "chunked"
+    head.loss_impl = impl
     head.loss_chunk_tokens = int(getattr(trainer_cfg, "loss_chunk_tokens", 0) or 0)
     if not getattr(model, "_infllm_fused_loss", False):
         # An instance attribute: the class (and so config.architectures in save_pretrained) stays the model's.
