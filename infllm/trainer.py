@@ -284,9 +284,11 @@ class Trainer:
         if stats:
             m.update({f"sparse/{k}": v for k, v in stats.items()})
             if stats.get("select_ms") is not None:
-                # Timed at the first layer over the whole window; every layer selects the same way.
+                # Timed at the first layer over the whole window; every layer selects the same way, and again
+                # in the backward's recompute under gradient checkpointing.
                 layers = getattr(model.config, "num_hidden_layers", 1)
-                m["sparse/select_step_share"] = stats["select_ms"] * layers / (dt * 1e3)
+                runs = 2 if getattr(model, "is_gradient_checkpointing", False) else 1
+                m["sparse/select_step_share"] = stats["select_ms"] * layers * runs / (dt * 1e3)
         mix = getattr(self.loader, "mix_stats", None)
         if callable(mix):
             m.update({f"data/{k}": v for k, v in mix().items() if isinstance(v, (int, float))})
