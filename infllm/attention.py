@@ -1,7 +1,7 @@
 """InfLLM-V2 attention inside Hugging Face decoders, with no new parameters.
 
 The swap registers one attention function with transformers' `AttentionInterface` under two names:
-"infllm_v2" (the dense/sparse switch of ../shared/infllm_v2.md, per document by `dense_len`) and
+"infllm_v2" (the dense/sparse switch of kernels/infllm_v2/README.md, per document by `dense_len`) and
 "infllm_dense" (always dense). The model keeps its own q/k/v/o projections, RoPE and softmax scale: HF
 computes q/k/v, applies RoPE, updates the KV cache, and hands us
 

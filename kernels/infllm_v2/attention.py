@@ -1,4 +1,4 @@
-"""Triton block-sparse attention for InfLLM-V2 (step 8 of ../../shared/infllm_v2.md), forward and backward.
+"""Triton block-sparse attention for InfLLM-V2 (step 8 of README.md beside it), forward and backward.
 
     out = block_sparse_attn_triton(q, k, v, block_idx, cu_seqlens, max_seqlen, *, block_size=64,
                                    softmax_scale=None, dense_len=-1, dense_min=0)

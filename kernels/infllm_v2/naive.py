@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of InfLLM-V2 attention (../../shared/infllm_v2.md, steps 1-9), literal and readable.
+"""Pure-PyTorch reference of InfLLM-V2 attention (README.md beside it, steps 1-9), literal and readable.
 
 Computation runs in fp32 (fp64 when the inputs are fp64, so autograd.gradcheck can use it) and the result is
 cast back to q's dtype. It loops over documents and KV heads and chunks over query tokens so that selection

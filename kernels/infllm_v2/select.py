@@ -1,4 +1,4 @@
-"""Fused Triton block selection for InfLLM-V2 (../../shared/infllm_v2.md, steps 1-7), no gradient.
+"""Fused Triton block selection for InfLLM-V2 (README.md beside it, steps 1-7), no gradient.
 
 Same signature and result as `naive.infllm_v2_select_naive`. Two launches, no host synchronisation:
 

@@ -1,4 +1,4 @@
-"""Independent oracles for the InfLLM-V2 kernels, written from ../shared/infllm_v2.md separately from
+"""Independent oracles for the InfLLM-V2 kernels, written from kernels/infllm_v2/README.md separately from
 kernels/infllm_v2/naive.py: a float64 brute-force block scorer, a masked-dense attention over the whole packed
 batch, and a by-score comparison of selections (so near-ties between blocks never make a test flaky).
 

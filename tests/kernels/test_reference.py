@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference (impl="naive") against the contract (../shared/infllm_v2.md) and against the
+"""The pure-PyTorch reference (impl="naive") against the contract (kernels/infllm_v2/README.md) and against the
 independent oracles in tests/kernels/oracle.py. Small configs so sparse != dense at a few hundred tokens:
 block 16, kernel 8, stride 4, window 32 (n_local 2), topk 3 -> k_eff 5, sparse once T > 80."""
 from __future__ import annotations
