@@ -161,7 +161,10 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         return loaders["l"]
 
     data.build_train_loader = build_loader
-    trainer = None
+    trainer = module = head = None
+    if cuda:
+        # What an earlier case left allocated (nothing, when the driver's collection did its job).
+        row["leftover_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     step_s: List[float] = []
     peaks: List[float] = []
     try:
@@ -209,7 +212,9 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         row["traceback"] = traceback.format_exc()[-1500:]
     finally:
-        trainer = None
+        # The memory options put the model in reference cycles (forward wrappers): collect them here, or the
+        # next case would measure this model's weights as its own.
+        trainer = module = head = None
         data.build_train_loader = None
         del data.build_train_loader
         gc.collect()
@@ -218,6 +223,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
     row["step_s"] = [round(s, 3) for s in step_s]
     if peaks:
         row["peak_gib"] = round(max(peaks), 2)
+        row["peak_gib_per_step"] = [round(x, 2) for x in peaks]
     steady = step_s[warmup:]
     if steady:
         med = statistics.median(steady)
