@@ -26,7 +26,7 @@ class Engine(Protocol):
 
     Ranks: `rank` / `world_size` count every process; `dp_rank` / `dp_size` count the data-parallel replicas
     (each reads its own rows), which is `world_size / parallel.sp_size`: the `sp_size` ranks of one sequence-
-    parallel group share one row. `is_distributed` is True when collectives run (a world of one included).
+    parallel group share one row, rank `sp_rank` of them holding its `sp_rank`-th slice. `is_distributed` is True when collectives run (a world of one included).
     """
 
     is_distributed: bool
@@ -34,6 +34,8 @@ class Engine(Protocol):
     world_size: int
     dp_rank: int
     dp_size: int
+    sp_rank: int
+    sp_size: int
     device: torch.device
 
     @property
@@ -105,6 +107,8 @@ class SingleEngine:
     world_size = 1
     dp_rank = 0
     dp_size = 1
+    sp_rank = 0
+    sp_size = 1
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
         self.model = model.to(device)

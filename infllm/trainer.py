@@ -5,10 +5,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Dict, Iterator, List, Optional
@@ -16,13 +19,15 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from data.batch import IGNORE_INDEX, PackedBatch
+from data.batch import PackedBatch
 from infllm import checkpoint as ckpt
 from infllm.config import Config
 from infllm.engine import Engine, save_hf
 from infllm.errors import ConfigError
+from infllm.parallel.sequence import shard_batch, target_count
 from infllm.attention import configure_sparse_stats, expected_density, get_sparse_stats, reset_sparse_stats
-from infllm.metrics import MetricsLogger, causal_pairs, device_peak_tflops, train_flops
+from infllm.metrics import (MetricsLogger, causal_pairs, device_peak_tflops, format_eval_table, format_step_line,
+                            train_flops)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,35 @@ def warn_if_beyond_native_length(model: torch.nn.Module, seq_len: int, cfg: Conf
                     seq_len, native)
 
 
+# The exit status of a run stopped by a signal once its checkpoint is saved: "stopped, resumable" (EX_TEMPFAIL of
+# sysexits.h), apart from success (0, final/ written) and failure (1). launch/run.sh exits with it under torchrun.
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def stop_exit_code() -> int:
+    """What train.py exits with after a stop: EXIT_STOPPED, unless the launcher asks otherwise (launch/run.sh
+    sets INFLLM_STOP_EXIT_CODE=0 for its workers, as torchrun would report any other status as a crash, and
+    exits EXIT_STOPPED itself)."""
+    return int(os.environ.get("INFLLM_STOP_EXIT_CODE", EXIT_STOPPED))
+
+
+def resume_command(cfg: Config, argv: Optional[List[str]] = None) -> str:
+    """The command that resumes this run: its own command line (`argv`, train.py's sys.argv; None: unknown)
+    with run_name=<this run> checkpoint.resume=auto in place of any run_name / checkpoint.resume it had."""
+    skip = ("run_name=", "checkpoint.resume=")
+    kept = [a for a in (argv or [])[1:] if not a.lstrip("+~").startswith(skip)]
+    args = " ".join(shlex.quote(a) for a in kept + [f"run_name={cfg.run_name}", "checkpoint.resume=auto"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(local, 1)
+        return f"launch/run.sh NGPU={local}" + (f" NNODES={nodes} MASTER_ADDR=..." if nodes > 1 else "") + f" {args}"
+    if "MAKELEVEL" in os.environ:
+        return f"make train ARGS={shlex.quote(args)}"
+    python = "python" if os.environ.get("VIRTUAL_ENV") else os.path.relpath(sys.executable)
+    return f"{python} train.py {args}"
+
+
 class Trainer:
     def __init__(self, cfg: Config, engine: Engine, tokenizer, loader, run_dir: str):
         self.cfg = cfg
@@ -55,6 +89,10 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_steps = 0
         self._stop_signal: Optional[int] = None
+        # True once fit() stopped on a signal (checkpoint saved); train.py then exits stop_exit_code().
+        self.stopped = False
+        # The command line that started the run (train.py sets it), for the resume command.
+        self.argv: Optional[List[str]] = None
         self.metrics = MetricsLogger(run_dir, cfg.logger, _plain(cfg), enabled=self.is_main)
         self.peak_tflops = device_peak_tflops(engine.device)
         self.last_metrics: Dict[str, Any] = {}
@@ -76,6 +114,9 @@ class Trainer:
         model, tokenizer = load_model(cfg.model, attn, zero_init=setup.zero_init if setup is not None else None)
         if cfg.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from infllm.memory import apply_memory_options
+
+        apply_memory_options(model, cfg.trainer)
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
         if cfg.trainer.time_selection and attn.name == "infllm_v2":
@@ -102,14 +143,16 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, files, self.cfg.checkpoint.keep_last,
                                     is_main=self.is_main, barrier=self.engine.barrier)
 
-    def load_checkpoint(self, path: str) -> None:
-        ckpt.verify_checkpoint(path)
+    def load_checkpoint(self, path: str, verify: bool = True) -> None:
+        """Load a checkpoint (verified against its manifest first unless the caller just did)."""
         rank = self.engine.rank
+        if verify:
+            ckpt.verify_checkpoint(path)
         state_path = os.path.join(path, f"trainer_state_rank{rank}.json")
         if not os.path.isfile(state_path):
             raise ckpt.CheckpointError(f"checkpoint {path}: no state for rank {rank}; it was written with another "
                                        "number of ranks (resume on the same world size)")
-        state = json.load(open(state_path))
+        state = ckpt.read_json(state_path, f"checkpoint {path}")
         if state.get("world_size", 1) != self.engine.world_size:
             raise ckpt.CheckpointError(f"checkpoint {path}: written by {state.get('world_size')} ranks, this run "
                                        f"has {self.engine.world_size}; resume on the same world size")
@@ -120,6 +163,11 @@ class Trainer:
             self.engine.load_checkpoint(path)
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"checkpoint {path}: cannot load model/optimizer state: {e}") from None
+        bad = _nonfinite_parameter(self.engine.module)
+        if self.engine.all_reduce_sum(int(bad is not None)) > 0:
+            raise ckpt.CheckpointError(f"checkpoint {path}: the model weights hold NaN/inf ({bad or 'on another rank'}); "
+                                       "the checkpoint is damaged: resume from an older one "
+                                       "(checkpoint.resume=<path of …/checkpoints/step_N>)")
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(ckpt.torch_load(os.path.join(path, f"rng_rank{rank}.pt")))
         self.step = state["step"]
@@ -129,8 +177,30 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        log.warning("received signal %d: finishing this step, then saving a checkpoint", signum)
+        """SIGINT (Ctrl-C), SIGTERM, SIGUSR1: finish the step, save a checkpoint, exit EXIT_STOPPED. A second
+        Ctrl-C aborts at once, without saving."""
+        if self._stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self._stop_signal = signum
+        log.warning("received %s: finishing step %d, then saving a checkpoint%s", signal.Signals(signum).name,
+                    self.step + 1, " (Ctrl-C again aborts at once, without saving)" if signum == signal.SIGINT else "")
+
+    def _report_stop(self, path: str) -> None:
+        """Say how the run stopped and the exact command that resumes it; tell launch/run.sh (a marker file)."""
+        self.stopped = True
+        if not self.is_main:
+            return
+        how = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
+        command = resume_command(self.cfg, self.argv)
+        msg = (f"stopped by {how} after step {self.step} of {self.cfg.trainer.max_steps}; checkpoint saved: {path}\n"
+               f"resume with:  {command}")
+        log.warning(msg)
+        marker = os.environ.get("INFLLM_STOP_MARKER")
+        if marker:
+            with open(marker, "w") as f:
+                f.write(f"{self.step}\n{command}\n")
 
     def _stop_requested(self) -> bool:
         """A signal can reach the ranks during different steps: they agree (any rank asked) so that all of
@@ -145,39 +215,52 @@ class Trainer:
 
     def train_step(self, batches: List[PackedBatch]) -> Dict[str, Any]:
         """One optimizer step over the accumulation window. The loss is the mean over every target token of
-        the window (each micro-batch's summed loss divided by the window's token count)."""
+        the window (each micro-batch's summed loss divided by the window's token count). Under sequence
+        parallelism each rank feeds its slice of every row (`shard_batch`); with sp_size 1 the whole row."""
         engine = self.engine
-        # Targets are labels[:, 1:] (the model shifts by one); counted on the host copy, so no device sync.
-        n_targets = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = engine.all_reduce_sum(n_targets) if engine.is_distributed else n_targets
+        inputs = [shard_batch(b, engine.sp_rank, engine.sp_size) for b in batches]
+        # Counted on the host copies, so no device sync; summed over every rank, each counting its own slices.
+        n_targets = engine.all_reduce_sum(target_count(inputs))
+        # DeepSpeed averages gradients over the data-parallel replicas: normalise so that the average is the
+        # mean over every target of the window.
+        num_items = max(n_targets, 1) / engine.dp_size
         loss_sum = torch.zeros((), device=engine.device)
-        for b in batches:
-            kwargs = b.to(engine.device).model_kwargs()
-            out = engine.forward(**kwargs, labels=b.labels.to(engine.device),
-                                 num_items_in_batch=max(n_targets, 1) / engine.world_size
-                                 if engine.is_distributed else max(n_targets, 1))
+        for x in inputs:
+            x = {name: t.to(engine.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                 for name, t in x.items()}
+            out = engine.forward(**x, labels=x["shift_labels"], num_items_in_batch=num_items)
             engine.backward(out.loss)
             loss_sum += out.loss.detach()
         grad_norm = engine.step()
-        loss = float(engine.all_reduce_sum(loss_sum) if engine.is_distributed else loss_sum)
-        if engine.is_distributed:
-            loss /= engine.world_size
+        loss = float(engine.all_reduce_sum(loss_sum)) / engine.dp_size
         return {"loss": loss, "grad_norm": grad_norm}
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
-        resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        engine = self.engine
+        # Each rank checksums its share of the files; they agree on the verdict, so all resume from the same one.
+        agree = (lambda ok: engine.all_reduce_sum(int(not ok)) == 0) if engine.is_distributed else None
+        resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir, rank=engine.rank,
+                                          world_size=engine.world_size, agree=agree)
         if resume_path is not None:
-            self.load_checkpoint(resume_path)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+            self.load_checkpoint(resume_path, verify=False)
+        # A kill between checkpoints left rows of the steps about to be re-run.
+        self.metrics.truncate_after(self.step)
+        first_step = self.step
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         model = self.engine.module
         model.train()
         it = iter(self.loader)
         pbar = None
+        console = contextlib.ExitStack()
         if self.is_main and cfg.trainer.progress_bar:
             from tqdm import tqdm
 
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             pbar = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            # Log lines during the loop go through tqdm, so that they leave no copies of the bar behind.
+            console.enter_context(logging_redirect_tqdm())
         device = self.engine.device
         try:
             while self.step < cfg.trainer.max_steps:
@@ -193,17 +276,22 @@ class Trainer:
                                 self.nonfinite_steps)
                     if self.nonfinite_steps >= cfg.trainer.max_nonfinite_steps:
                         raise RuntimeError(f"{self.nonfinite_steps} non-finite steps (trainer.max_nonfinite_steps="
-                                           f"{cfg.trainer.max_nonfinite_steps}); stopping. The last checkpoint is "
-                                           "intact; lower optim.lr or check the data")
+                                           f"{cfg.trainer.max_nonfinite_steps}); stopping. The checkpoints are from "
+                                           "before these steps (resume=auto verifies them); lower optim.lr or check "
+                                           "the data")
                     continue
                 dt = time.perf_counter() - t0
-                n_tokens = sum(b.num_tokens for b in batches) * self.engine.world_size
+                n_tokens = sum(b.num_tokens for b in batches) * self.engine.dp_size
                 self.tokens_seen += n_tokens
                 self.step += 1
                 metrics = self._step_metrics(out, batches, n_tokens, dt)
                 self.last_metrics = metrics
+                if self.step == first_step + 1:
+                    _warn_if_never_sparse(cfg.attention, metrics)
                 if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
                     self.metrics.log(metrics)
+                    if pbar is None and self.is_main:
+                        log.info("%s", format_step_line(metrics, cfg.trainer.max_steps))
                 if pbar is not None:
                     pbar.update(1)
                     postfix = dict(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -216,10 +304,17 @@ class Trainer:
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
                 if self._stop_requested():
-                    self.save_checkpoint()
-                    log.warning("stopped by signal %s at step %d; resume with checkpoint.resume=auto",
-                                self._stop_signal, self.step)
+                    if pbar is not None:
+                        pbar.close()
+                        pbar = None
+                    console.close()
+                    self._report_stop(self.save_checkpoint())
                     return self.last_metrics
+            # The bar is done before the final checkpoint and export print their lines.
+            if pbar is not None:
+                pbar.close()
+                pbar = None
+            console.close()
             if self.step >= cfg.trainer.max_steps:
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps:
                     self.save_checkpoint()
@@ -228,6 +323,7 @@ class Trainer:
         finally:
             if pbar is not None:
                 pbar.close()
+            console.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.metrics.close()
@@ -235,10 +331,16 @@ class Trainer:
 
     def export_hf(self) -> Optional[str]:
         out = os.path.join(self.run_dir, "final")
+        if not self.engine.is_distributed and self.engine.device.type == "cpu":
+            # save_pretrained imports DeepSpeed (through accelerate) when it is installed, which warns that it
+            # fell back to the CPU; a one-process CPU run does not use it, so name the CPU up front.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar for writing one shard is noise after the training bar
         path = self.engine.export_hf(out, self.tokenizer)
         if self.is_main:
-            log.info("final model (Hugging Face format) written to %s", path)
-            print(f"final model written to {path}", flush=True)
+            log.info("final model written to %s (Hugging Face format)", path)
         return path
 
     def run_eval(self) -> Dict[str, Any]:
@@ -264,13 +366,14 @@ class Trainer:
         if self.is_main and results:
             flat = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
             self.metrics.log({"step": self.step, **flat})
-            log.info("eval at step %d: %s", self.step, flat)
+            log.info("%s", format_eval_table({k: v for k, v in results.items() if isinstance(v, (int, float))},
+                                             self.step))
         return results
 
     def _step_metrics(self, out: Dict[str, Any], batches: List[PackedBatch], n_tokens: int, dt: float):
         model = self.engine.module
         stats = _get_sparse_stats(model)
-        pairs = sum(causal_pairs(b.cu_seqlens) for b in batches) * self.engine.world_size
+        pairs = sum(causal_pairs(b.cu_seqlens) for b in batches) * self.engine.dp_size
         density = stats.get("density")
         attended = pairs * density if density is not None else pairs
         flops = train_flops(model, n_tokens, attended)
@@ -296,14 +399,44 @@ class Trainer:
 
 
 def _log_attention(attn, seq_len: int) -> None:
+    """The attention header (once: Hydra's console handler shows it), and a warning when the settings leave
+    nothing sparse although the header says InfLLM-V2 sparse."""
     if attn.name != "infllm_v2":
         log.info("attention: %s", attn.name)
         return
-    msg = (f"attention: InfLLM-V2 sparse, k_eff={attn.k_eff} blocks of {attn.block_size} tokens "
-           f"({attn.k_eff * attn.block_size} keys per query), dense below {attn.dense_len} tokens; a "
-           f"{seq_len}-token document attends {expected_density(seq_len, attn):.0%} of its causal key blocks")
-    log.info(msg)
-    print(msg, flush=True)
+    log.info("attention: InfLLM-V2 sparse, k_eff=%d blocks of %d tokens (%d keys per query), dense below %d "
+             "tokens; a %d-token document attends %.0f%% of its causal key blocks", attn.k_eff, attn.block_size,
+             attn.k_eff * attn.block_size, attn.dense_len, seq_len, 100 * expected_density(seq_len, attn))
+    keys = attn.k_eff * attn.block_size
+    if attn.dense_len != -1 and seq_len < attn.dense_len:
+        log.warning("attention: trainer.seq_len=%d is below attention.dense_len=%d: every document is shorter, so "
+                    "the whole run attends densely (no InfLLM-V2 selection is trained); raise trainer.seq_len or "
+                    "lower attention.dense_len", seq_len, attn.dense_len)
+    elif seq_len <= keys:
+        log.warning("attention: trainer.seq_len=%d fits in the k_eff=%d blocks of attention.block_size=%d (%d "
+                    "keys) a query may attend: every query attends all its causal blocks, the run is dense in "
+                    "effect; raise trainer.seq_len above %d or lower attention.topk / window_size",
+                    seq_len, attn.k_eff, attn.block_size, keys, keys)
+
+
+def _warn_if_never_sparse(attn, metrics: Dict[str, Any]) -> None:
+    """After the first step: the data decides what the settings could not (every document below dense_len)."""
+    if attn.name != "infllm_v2" or "sparse/sparse_tokens" not in metrics:
+        return
+    if metrics["sparse/sparse_tokens"] == 0:
+        log.warning("attention: no document of the first step reached attention.dense_len=%d tokens, so the step "
+                    "ran entirely dense although the header says InfLLM-V2 sparse; the corpus's documents are "
+                    "shorter (see the data: lines above): lower attention.dense_len or use longer documents",
+                    attn.dense_len)
+
+
+def _nonfinite_parameter(model: torch.nn.Module) -> Optional[str]:
+    """The name of the first parameter holding NaN/inf on this rank (ZeRO-3: its local partition), or None."""
+    for name, p in model.named_parameters():
+        local = getattr(p, "ds_tensor", p)
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
 
 
 def _plain(cfg: Config) -> Dict[str, Any]:

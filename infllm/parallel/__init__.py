@@ -24,9 +24,13 @@ switch (`trainer.gradient_checkpointing`), applied to the model before it gets h
 without a setup does both steps (the model was then built in full; ZeRO-3 partitions it in
 `deepspeed.initialize`).
 
+Sequence parallelism (`parallel.sp_size > 1`, `sequence`): the groups are made in `setup_parallel`, the
+attention is wrapped with the Ulysses exchange in `build_engine` (before DeepSpeed sees the model), and DeepSpeed
+gets the groups as its `mpu`, so gradients are reduced over every rank.
+
 Files: `launch` (ranks, argv, process group, run directory), `ds_config` (the DeepSpeed config), `zero_init`
-(ZeRO-3 partitioned construction), `ds_checkpoint` (safe loading of DeepSpeed's pickles), `deepspeed_engine`
-(the engine).
+(ZeRO-3 partitioned construction), `ds_checkpoint` (safe loading of DeepSpeed's pickles), `sequence` (Ulysses
+sequence parallelism), `deepspeed_engine` (the engine).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from infllm.errors import ConfigError
 from infllm.parallel.deepspeed_engine import DeepSpeedEngine
 from infllm.parallel.ds_config import deepspeed_config, is_zero3
 from infllm.parallel.launch import check_world_size, init_process_group, launch_env, launcher_argv, share_run_dir
+from infllm.parallel.sequence import apply_sequence_parallel, check_sequence_parallel, init_sequence_parallel
 from infllm.parallel.zero_init import ZeroInit, is_partitioned
 
 __all__ = ["ParallelSetup", "setup_parallel", "build_engine", "launcher_argv", "deepspeed_config", "ZeroInit",
@@ -64,6 +69,7 @@ def setup_parallel(cfg: Config) -> Optional[ParallelSetup]:
     parallel.engine=single, after checking that the launcher started one process."""
     _, local_rank, world_size = launch_env()
     check_world_size(cfg, world_size)
+    check_sequence_parallel(cfg, world_size)
     if cfg.parallel.engine == "single":
         return None
     try:
@@ -83,6 +89,8 @@ def setup_parallel(cfg: Config) -> Optional[ParallelSetup]:
         # only its inference path uses; gloo serves training. DeepSpeed keeps this table for such edits.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.parallel.sp_size > 1:
+        init_sequence_parallel(cfg.parallel.sp_size)
     ds_config = deepspeed_config(cfg, device)
     zero_init = ZeroInit(ds_config, device) if is_zero3(ds_config) and cfg.parallel.zero_init else None
     return ParallelSetup(device=device, ds_config=ds_config, zero_init=zero_init)
@@ -96,16 +104,19 @@ def build_engine(model: torch.nn.Module, cfg: Config, setup: Optional[ParallelSe
     if setup is None:
         return SingleEngine(model, cfg, resolve_device(cfg.trainer.device))
     device = setup.device
+    if cfg.parallel.sp_size > 1:
+        apply_sequence_parallel(model, cfg.parallel.sp_size, cfg.trainer.micro_batch_size)
     engine = DeepSpeedEngine(model, cfg, setup)
     if engine.rank == 0:
         p, t = cfg.parallel, cfg.trainer
         world_size = engine.world_size
         offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
-        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s%s, %s: global batch %d rows x %d tokens (micro-batch %d x "
-                 "accumulation %d x ranks)", p.zero_stage, world_size, device.type,
+        log.info("DeepSpeed ZeRO-%d on %d %s ranks%s%s%s, %s: global batch %d rows x %d tokens (micro-batch %d x "
+                 "accumulation %d x data-parallel replicas)", p.zero_stage, world_size, device.type,
+                 f", sequence parallel over {p.sp_size} ranks ({engine.dp_size} replicas)" if p.sp_size > 1 else "",
                  f" (offload: {', '.join(offload)})" if offload else "",
                  ", model built partitioned (zero.Init)" if setup.zero_init and setup.zero_init.used else "",
                  "bf16" if use_bf16(cfg.trainer.precision, device) else "fp32",
-                 t.micro_batch_size * t.grad_accum_steps * world_size, t.seq_len, t.micro_batch_size,
+                 t.micro_batch_size * t.grad_accum_steps * engine.dp_size, t.seq_len, t.micro_batch_size,
                  t.grad_accum_steps)
     return engine

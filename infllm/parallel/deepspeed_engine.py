@@ -36,6 +36,7 @@ from infllm.config import Config
 from infllm.engine import build_optimizer
 from infllm.errors import CheckpointError
 from infllm.parallel.ds_checkpoint import safe_checkpoint_engine
+from infllm.parallel.sequence import sequence_parallel_mpu
 from infllm.schedule import build_scheduler
 
 # The DeepSpeed checkpoint tag, i.e. the sub-directory of a checkpoint that DeepSpeed writes.
@@ -63,8 +64,10 @@ class DeepSpeedEngine:
         max_steps = cfg.trainer.max_steps
         self.ds_config = setup.ds_config
         self.zero_init = setup.zero_init  # holds the HfDeepSpeedConfig the model was built with, for its lifetime
+        self.sp_rank = self.rank % self.sp_size
+        mpu = sequence_parallel_mpu() if self.sp_size > 1 else None
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config,
+            model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu,
             lr_scheduler=lambda opt: build_scheduler(opt, max_steps, cfg.schedule))
         self.ds.checkpoint_engine = safe_checkpoint_engine(self.ds.checkpoint_engine)
         self.device = self.ds.device if isinstance(self.ds.device, torch.device) else torch.device(self.ds.device)
