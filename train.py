@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from infllm.config import to_object
 from infllm.parallel import launcher_argv
-from infllm.trainer import Trainer
+from infllm.trainer import Trainer, stop_exit_code
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -21,7 +21,11 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_object(dcfg)
     logging.getLogger(__name__).info("run directory: %s", cfg.output_dir)
     trainer = Trainer.build(cfg)
+    trainer.argv = sys.argv
     trainer.fit()
+    if trainer.stopped:
+        # Stopped by a signal, checkpoint saved: "stopped, resumable" (75), not success (README, "Exit status").
+        sys.exit(stop_exit_code())
 
 
 if __name__ == "__main__":

@@ -332,10 +332,41 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("cuda_or", _cuda_or)
 
 
+def check_known_keys(node: Any, where: str = "") -> None:
+    """Every key of a typed node must be a field of its schema. Hydra's `+key=value` form (which Hydra itself
+    suggests after a typo) adds a key even to a typed node, and it would be silently ignored; refuse it,
+    naming the key and the nearest fields."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import ListConfig
+
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            check_known_keys(node._get_node(i), f"{where[:-1]}[{i}].")
+        return
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=3)
+                hint = f"; did you mean {', '.join(where + n for n in near)}?" if near else ""
+                raise ConfigError(f"{where}{key}: not a key of the config schema ({schema.__name__}), it would be "
+                                  f"ignored (a `+{where}{key}=...` override adds keys the schema does not "
+                                  f"have){hint}")
+    for key in node.keys():
+        check_known_keys(node._get_node(key), f"{where}{key}.")
+
+
 def to_object(cfg: DictConfig | Config) -> Config:
-    """Resolve interpolations and build the dataclasses (running every `__post_init__` check)."""
+    """Check every key against the schema, resolve interpolations and build the dataclasses (running every
+    `__post_init__` check)."""
     if isinstance(cfg, Config):
         return cfg
+    check_known_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except Exception as e:  # OmegaConf wraps our ConfigError; surface the field-naming message

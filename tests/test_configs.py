@@ -136,3 +136,13 @@ def test_wrong_type_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException, match="trainer.max_steps=many") as info:
         compose_config(["trainer.max_steps=many"])
     assert isinstance(info.value.__cause__, ValidationError) and "max_steps" in str(info.value.__cause__)
+
+
+def test_plus_form_cannot_add_unknown_keys():
+    """`+trainer.max_step=3` (the form Hydra suggests after a typo) would add a key nothing reads."""
+    with pytest.raises(ConfigError, match=r"trainer\.max_step: not a key .*did you mean trainer\.max_steps\?"):
+        compose_config(["+trainer.max_step=3"])
+    with pytest.raises(ConfigError, match=r"^lerning_rate: not a key of the config schema \(Config\)"):
+        compose_config(["+lerning_rate=1e-3"])
+    # Free-form dicts of the schema still take new keys.
+    assert compose_config(["+model.arch.rms_norm_eps=1e-5"]).model.arch["rms_norm_eps"] == 1e-5

@@ -2,6 +2,7 @@
 transformers with the same logits, an interrupted run resumes exactly, bad input fails before training."""
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -161,3 +162,197 @@ def test_time_selection_logs_select_share(tmp_path):
                                           "checkpoint.save_hf=false"], output_dir=run2)).fit()
     row = [json.loads(l) for l in open(os.path.join(run2, "metrics.jsonl")) if '"loss"' in l][0]
     assert "sparse/select_step_share" not in row and "sparse/select_ms" not in row
+
+
+# -- stopping, resuming, integrity (issue 17) ----------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Short steps: a few seconds each on a 2-core CPU.
+SMALL = ["trainer.seq_len=256", "trainer.grad_accum_steps=1", "trainer.micro_batch_size=1"]
+
+
+def _steps(run_dir):
+    return [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+
+
+def test_ctrl_c_saves_exits_resumable_and_prints_the_resume_command(tmp_path):
+    """SIGINT at step k of `python train.py experiment=debug`: the step finishes, a checkpoint is saved, the
+    process exits 75 with the exact command that resumes it; that command finishes the run (exit 0) and
+    metrics.jsonl holds every step once."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = DEBUG + SMALL + ["trainer.max_steps=5", "checkpoint.every_steps=0", "checkpoint.save_hf=false",
+                            f"hydra.run.dir={run}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MAKELEVEL", None)
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        out.append(line)
+        if "step 2/5 |" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(out)
+    out += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 75, "".join(out)
+    text = "".join(out)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    stop = re.search(r"stopped by SIGINT after step (\d) of 5; checkpoint saved: (\S+)", text)
+    assert stop, text
+    k = int(stop.group(1))
+    assert k in (2, 3) and stop.group(2) == latest_checkpoint(str(run)) and stop.group(2).endswith(f"step_{k:08d}")
+    assert _steps(str(run)) == list(range(1, k + 1))
+    command = re.search(r"resume with:  (.+)", text).group(1)
+    name = re.search(r"run_name=(\S+)", command).group(1)
+    assert command.endswith(f"run_name={name} checkpoint.resume=auto") and "trainer.max_steps=5" in command
+    argv = shlex.split(command)
+    assert argv[1] == "train.py"
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {stop.group(2)} at step {k}" in resumed.stdout
+    assert _steps(str(run)) == [1, 2, 3, 4, 5]
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    run = str(tmp_path / "run")
+    trainer = Trainer.build(compose_config(DEBUG + SMALL + ["trainer.max_steps=20", "checkpoint.every_steps=0",
+                                                            "checkpoint.save_hf=false"], output_dir=run))
+    orig = trainer.train_step
+
+    def step_then_two_ctrl_c(batches):
+        out = orig(batches)
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer.train_step = step_then_two_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert latest_checkpoint(run) is None and not trainer.stopped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_metrics_have_no_duplicates_after_a_kill_between_checkpoints(tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    common = DEBUG + SMALL + ["checkpoint.every_steps=2", "checkpoint.save_hf=false"]
+    Trainer.build(compose_config(common + ["trainer.max_steps=3"], output_dir=run)).fit()
+    # A kill after step 3 was logged but before its checkpoint: the newest one left is step 2.
+    shutil.rmtree(os.path.join(run, "checkpoints", "step_00000003"))
+    assert _steps(run) == [1, 2, 3]
+    resumed = Trainer.build(compose_config(common + ["trainer.max_steps=4", "checkpoint.resume=auto"], output_dir=run))
+    resumed.fit()
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def _flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_damaged_checkpoint_refused_and_auto_falls_back(tmp_path, caplog):
+    run = str(tmp_path / "run")
+    common = DEBUG + SMALL + ["checkpoint.every_steps=1", "checkpoint.save_hf=false"]
+    Trainer.build(compose_config(common + ["trainer.max_steps=2"], output_dir=run)).fit()
+    step1, step2 = list_checkpoints(run)
+    weights = os.path.join(step2, "model.safetensors")
+    _flip_byte(weights, os.path.getsize(weights) - 7)  # a same-size change a size check cannot see
+    with pytest.raises(CheckpointError, match=r"step_00000002: file model\.safetensors does not match its checksum"):
+        Trainer.build(compose_config(common + ["trainer.max_steps=3", f"checkpoint.resume={step2}"],
+                                     output_dir=run)).fit()
+    trainer = Trainer.build(compose_config(common + ["trainer.max_steps=3", "checkpoint.resume=auto"], output_dir=run))
+    loaded = []
+    orig = trainer.load_checkpoint
+    trainer.load_checkpoint = lambda path, **kw: (loaded.append(path), orig(path, **kw))
+    with caplog.at_level("WARNING"):
+        trainer.fit()
+    assert loaded == [step1] and "step_00000002 is damaged" in caplog.text
+    assert _steps(run) == [1, 2, 3]
+
+
+def test_nan_weights_refused_even_with_a_matching_manifest(tmp_path):
+    """Weights that are NaN but match the manifest (an old sizes-only manifest, or saved so): refused on load."""
+    from safetensors.torch import load_file, save_file
+
+    from infllm.checkpoint import MANIFEST, write_json
+
+    run = str(tmp_path / "run")
+    common = DEBUG + SMALL + ["checkpoint.every_steps=1", "checkpoint.save_hf=false"]
+    Trainer.build(compose_config(common + ["trainer.max_steps=1"], output_dir=run)).fit()
+    [path] = list_checkpoints(run)
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[3]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    manifest = json.load(open(os.path.join(path, MANIFEST)))
+    write_json(os.path.join(path, MANIFEST), {"format": 1, "step": 1, "files": {
+        n: os.path.getsize(os.path.join(path, n)) for n in manifest["files"]}})
+    trainer = Trainer.build(compose_config(common + ["trainer.max_steps=2", "checkpoint.resume=auto"], output_dir=run))
+    with pytest.raises(CheckpointError, match=r"model weights hold NaN/inf \(" + name.replace(".", r"\.")):
+        trainer.fit()
+
+
+def test_progress_bar_off_logs_one_line_per_log_every(tmp_path, caplog):
+    run = str(tmp_path / "run")
+    cfg = compose_config(DEBUG + SMALL + ["trainer.max_steps=4", "trainer.log_every=2", "checkpoint.every_steps=0",
+                                          "checkpoint.save_hf=false"], output_dir=run)
+    with caplog.at_level("INFO", logger="infllm.trainer"):
+        Trainer.build(cfg).fit()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert all(" | loss " in line and " | lr " in line and " tok/s" in line and " | density " in line
+               and ("| mem " in line or "| rss " in line) for line in lines)
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    (["trainer.seq_len=256"], r"trainer\.seq_len=256 is below attention\.dense_len=512"),
+    (["trainer.seq_len=384", "attention.dense_len=-1"], r"trainer\.seq_len=384 fits in the k_eff=12 blocks"),
+])
+def test_settings_that_leave_nothing_sparse_warn(tmp_path, caplog, overrides, expect):
+    with caplog.at_level("WARNING"):
+        Trainer.build(compose_config(DEBUG + overrides, output_dir=str(tmp_path)))
+    assert re.search(expect, caplog.text), caplog.text
+
+
+def test_a_first_step_without_sparse_documents_warns(caplog):
+    from infllm.config import AttentionConfig
+    from infllm.trainer import _warn_if_never_sparse
+
+    attn = AttentionConfig(name="infllm_v2", dense_len=4096)
+    with caplog.at_level("WARNING"):
+        _warn_if_never_sparse(attn, {"sparse/sparse_tokens": 1.0, "sparse/dense_tokens": 10.0})
+        assert caplog.text == ""
+        _warn_if_never_sparse(attn, {"sparse/sparse_tokens": 0.0, "sparse/dense_tokens": 10.0})
+    assert "no document of the first step reached attention.dense_len=4096" in caplog.text
+
+
+def test_resume_command_forms(monkeypatch):
+    from infllm.trainer import resume_command
+
+    cfg = compose_config(DEBUG)
+    argv = ["train.py", "experiment=debug", "run_name=old", "checkpoint.resume=none", "eval.modes=[dense,sparse]"]
+    for var in ("TORCHELASTIC_RUN_ID", "MAKELEVEL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("VIRTUAL_ENV", "/x/.venv")
+    tail = f"run_name={cfg.run_name} checkpoint.resume=auto"
+    assert resume_command(cfg, argv) == f"python train.py experiment=debug 'eval.modes=[dense,sparse]' {tail}"
+    monkeypatch.setenv("MAKELEVEL", "1")
+    assert resume_command(cfg, argv) == f"make train ARGS='experiment=debug '\"'\"'eval.modes=[dense,sparse]'\"'\"' {tail}'"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resume_command(cfg, argv).startswith("launch/run.sh NGPU=2 experiment=debug ")
