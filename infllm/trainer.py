@@ -19,11 +19,12 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from data.batch import IGNORE_INDEX, PackedBatch
+from data.batch import PackedBatch
 from infllm import checkpoint as ckpt
 from infllm.config import Config
 from infllm.engine import Engine, save_hf
 from infllm.errors import ConfigError
+from infllm.parallel.sequence import shard_batch, target_count
 from infllm.attention import configure_sparse_stats, expected_density, get_sparse_stats, reset_sparse_stats
 from infllm.metrics import (MetricsLogger, causal_pairs, device_peak_tflops, format_eval_table, format_step_line,
                             train_flops)
@@ -113,6 +114,9 @@ class Trainer:
         model, tokenizer = load_model(cfg.model, attn, zero_init=setup.zero_init if setup is not None else None)
         if cfg.trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from infllm.memory import apply_memory_options
+
+        apply_memory_options(model, cfg.trainer)
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
         if cfg.trainer.time_selection and attn.name == "infllm_v2":
@@ -211,23 +215,24 @@ class Trainer:
 
     def train_step(self, batches: List[PackedBatch]) -> Dict[str, Any]:
         """One optimizer step over the accumulation window. The loss is the mean over every target token of
-        the window (each micro-batch's summed loss divided by the window's token count)."""
+        the window (each micro-batch's summed loss divided by the window's token count). Under sequence
+        parallelism each rank feeds its slice of every row (`shard_batch`); with sp_size 1 the whole row."""
         engine = self.engine
-        # Targets are labels[:, 1:] (the model shifts by one); counted on the host copy, so no device sync.
-        n_targets = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        n_targets = engine.all_reduce_sum(n_targets) if engine.is_distributed else n_targets
+        inputs = [shard_batch(b, engine.sp_rank, engine.sp_size) for b in batches]
+        # Counted on the host copies, so no device sync; summed over every rank, each counting its own slices.
+        n_targets = engine.all_reduce_sum(target_count(inputs))
+        # DeepSpeed averages gradients over the data-parallel replicas: normalise so that the average is the
+        # mean over every target of the window.
+        num_items = max(n_targets, 1) / engine.dp_size
         loss_sum = torch.zeros((), device=engine.device)
-        for b in batches:
-            kwargs = b.to(engine.device).model_kwargs()
-            out = engine.forward(**kwargs, labels=b.labels.to(engine.device),
-                                 num_items_in_batch=max(n_targets, 1) / engine.world_size
-                                 if engine.is_distributed else max(n_targets, 1))
+        for x in inputs:
+            x = {name: t.to(engine.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                 for name, t in x.items()}
+            out = engine.forward(**x, labels=x["shift_labels"], num_items_in_batch=num_items)
             engine.backward(out.loss)
             loss_sum += out.loss.detach()
         grad_norm = engine.step()
-        loss = float(engine.all_reduce_sum(loss_sum) if engine.is_distributed else loss_sum)
-        if engine.is_distributed:
-            loss /= engine.world_size
+        loss = float(engine.all_reduce_sum(loss_sum)) / engine.dp_size
         return {"loss": loss, "grad_norm": grad_norm}
 
     def fit(self) -> Dict[str, Any]:
@@ -276,7 +281,7 @@ class Trainer:
                                            "the data")
                     continue
                 dt = time.perf_counter() - t0
-                n_tokens = sum(b.num_tokens for b in batches) * self.engine.world_size
+                n_tokens = sum(b.num_tokens for b in batches) * self.engine.dp_size
                 self.tokens_seen += n_tokens
                 self.step += 1
                 metrics = self._step_metrics(out, batches, n_tokens, dt)
@@ -368,7 +373,7 @@ class Trainer:
     def _step_metrics(self, out: Dict[str, Any], batches: List[PackedBatch], n_tokens: int, dt: float):
         model = self.engine.module
         stats = _get_sparse_stats(model)
-        pairs = sum(causal_pairs(b.cu_seqlens) for b in batches) * self.engine.world_size
+        pairs = sum(causal_pairs(b.cu_seqlens) for b in batches) * self.engine.dp_size
         density = stats.get("density")
         attended = pairs * density if density is not None else pairs
         flops = train_flops(model, n_tokens, attended)
