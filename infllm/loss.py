@@ -242,14 +242,16 @@ def _fused_forward(model: nn.Module, own_forward):
 
 def apply_loss(model: nn.Module, trainer_cfg, device_type: Optional[str] = None) -> str:
     """Make `model`'s training loss the fused one when trainer.loss asks for it (auto: where it is exact).
-    Returns the loss in use (plain | fused); idempotent. `device_type` (cuda | cpu; default: where the model's
-    weights are, or cuda when one is available) picks the implementation: CUDA_IMPL on CUDA, chunked elsewhere."""
+    Returns the loss in use (plain | fused); idempotent. `device_type` (default: trainer.device, auto = cuda when
+    one is available) picks the implementation: CUDA_IMPL on CUDA, chunked elsewhere."""
     kind = resolve_loss(model, trainer_cfg)
     if kind == "plain":
         return kind
     head = model.get_output_embeddings()
     if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        device_type = getattr(trainer_cfg, "device", "auto")
+        if device_type == "auto":
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
     impl = CUDA_IMPL if device_type == "cuda" else "chunked"
     package = {"cce": "cut_cross_entropy", "liger": "liger_kernel", "deepspeed": "deepspeed"}.get(impl)
     if package is not None and importlib.util.find_spec(package) is None:

@@ -185,3 +185,23 @@ def test_save_pretrained_keeps_the_architecture_and_weights(tmp_path):
     assert json.load(open(os.path.join(tmp_path, "config.json")))["architectures"] == ["LlamaForCausalLM"]
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_trainer_fused_trains_like_plain(tmp_path):
+    from infllm.trainer import Trainer
+    from tests.helpers import compose_config
+
+    losses = {}
+    for loss in ("plain", "fused"):
+        run = str(tmp_path / loss)
+        cfg = compose_config(["experiment=debug", "trainer.max_steps=4", "trainer.seq_len=256",
+                              "trainer.grad_accum_steps=2", "checkpoint.every_steps=0", "checkpoint.save_hf=false",
+                              "trainer.progress_bar=false", f"trainer.loss={loss}", "trainer.loss_chunk_tokens=96"],
+                             output_dir=run)
+        trainer = Trainer.build(cfg)
+        assert (type(trainer.engine.module.lm_head) is FusedLossLMHead) == (loss == "fused")
+        trainer.fit()
+        losses[loss] = [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))
+                        if '"loss"' in line]
+    assert len(losses["plain"]) == 4
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["plain"]), rtol=1e-5, atol=1e-5)
