@@ -117,9 +117,6 @@ class Trainer:
         from infllm.memory import apply_memory_options
 
         apply_memory_options(model, cfg.trainer)
-        from infllm.memory import apply_memory_options
-
-        apply_memory_options(model, cfg.trainer)
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
         if cfg.trainer.time_selection and attn.name == "infllm_v2":
