@@ -103,6 +103,68 @@ def _tile_rows(group: int, target_rows: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _tile_doc(CU, TILE_DOC, pid, dense_len, dense_min, MODE: tl.constexpr):
+    # Whether query tile `pid` belongs to this launch (not a spare tile; its document of this launch's kind:
+    # MODE 2 dense, else sparse), and its document's start and length.
+    doc = tl.load(TILE_DOC + pid)
+    run = doc >= 0
+    doc_c = tl.maximum(doc, 0)
+    doc_start = tl.load(CU + doc_c)
+    doc_len = tl.load(CU + doc_c + 1) - doc_start
+    if MODE == 2:
+        run = run & (doc_len < dense_len) & (doc_len > dense_min)
+    else:
+        run = run & ((doc_len >= dense_len) | (doc_len <= dense_min))
+    return run, doc_start, doc_len
+
+
+@triton.jit
+def _tile_walk(TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_stride_h, list_stride_row,
+               n_tiles, G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, MODE: tl.constexpr):
+    # The rows of a query tile (row r = token r // G, head r % G of the group) and what its walk iterates:
+    # MODE 0 its token's block_idx row, 1 the tile's union (ids + membership bits), 2 every causal block.
+    tok0 = tl.load(TILE_START + pid)
+    n_tok = tl.minimum(doc_start + doc_len - tok0, TOK)
+    rows = tl.arange(0, BLOCK_M)
+    r_tok = rows // G
+    row_ok = (rows < TOK * G) & (r_tok < n_tok)
+    q_pos = tok0 + r_tok - doc_start                         # [BLOCK_M] position in the document
+    if MODE == 0:
+        list_row = LIST + g * list_stride_h + tok0.to(tl.int64) * list_stride_row
+        mask_row = list_row
+        slots = tl.arange(0, SLOTS_P2)
+        ids = tl.load(list_row + slots, mask=slots < SLOTS, other=-1)   # [SLOTS_P2]
+        # One past the last valid slot: -1 padding anywhere is skipped by the membership test.
+        n_iter = tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
+    elif MODE == 1:
+        list_row = LIST + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        mask_row = MASKS + g * list_stride_h + pid.to(tl.int64) * list_stride_row
+        n_iter = tl.load(COUNT + g * n_tiles + pid)
+    else:
+        list_row = LIST
+        mask_row = MASKS
+        n_iter = (tok0 + n_tok - 1 - doc_start) // BLOCK_N + 1
+    return tok0, r_tok, row_ok, q_pos, list_row, mask_row, n_iter
+
+
+@triton.jit
+def _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE: tl.constexpr):
+    # Step i of a tile's walk: the key block id (in its document) and which rows attend it.
+    if MODE == 0:
+        blk = tl.load(list_row + i)
+        member = row_ok & (blk >= 0)
+    elif MODE == 1:
+        blk = tl.load(list_row + i)
+        bits = tl.load(mask_row + i)
+        member = row_ok & (((bits >> r_tok) & 1) != 0)
+    else:
+        blk = i
+        member = row_ok
+    return blk, member
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, K_DESC, V_DESC,
     CU, TILE_DOC, TILE_START,
@@ -122,25 +184,13 @@ def _fwd_kernel(
     if HAS_SKIP:
         if tl.load(SKIP + g * n_tiles + pid) != 0:
             return
-    doc = tl.load(TILE_DOC + pid)
-    if doc < 0:
+    run, doc_start, doc_len = _tile_doc(CU, TILE_DOC, pid, dense_len, dense_min, MODE)
+    if not run:
         return
-    doc_start = tl.load(CU + doc)
-    doc_len = tl.load(CU + doc + 1) - doc_start
-    is_dense = (doc_len < dense_len) & (doc_len > dense_min)
-    if MODE == 2:
-        if not is_dense:
-            return
-    else:
-        if is_dense:
-            return
-    tok0 = tl.load(TILE_START + pid)
-    n_tok = tl.minimum(doc_start + doc_len - tok0, TOK)
-
+    tok0, r_tok, row_ok, q_pos, list_row, mask_row, n_iter = _tile_walk(
+        TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_stride_h, list_stride_row, n_tiles,
+        G, TOK, BLOCK_M, BLOCK_N, SLOTS, SLOTS_P2, MODE)
     rows = tl.arange(0, BLOCK_M)
-    r_tok = rows // G
-    row_ok = (rows < TOK * G) & (r_tok < n_tok)
-    q_pos = tok0 + r_tok - doc_start                         # [BLOCK_M] position in the document
     head_q = g * G + rows % G                                # [BLOCK_M]
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -153,30 +203,8 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)                    # [BLOCK_M] running sum
     acc = tl.zeros([BLOCK_M, D], tl.float32)                 # [BLOCK_M, D]
 
-    if MODE == 0:
-        list_row = LIST + g * list_stride_h + tok0.to(tl.int64) * list_stride_row
-        slots = tl.arange(0, SLOTS_P2)
-        ids = tl.load(list_row + slots, mask=slots < SLOTS, other=-1)   # [SLOTS_P2]
-        # One past the last valid slot: -1 padding anywhere is skipped by the membership test.
-        n_iter = tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
-    elif MODE == 1:
-        list_row = LIST + g * list_stride_h + pid.to(tl.int64) * list_stride_row
-        mask_row = MASKS + g * list_stride_h + pid.to(tl.int64) * list_stride_row
-        n_iter = tl.load(COUNT + g * n_tiles + pid)
-    else:
-        n_iter = (tok0 + n_tok - 1 - doc_start) // BLOCK_N + 1
-
     for i in range(0, n_iter):
-        if MODE == 0:
-            blk = tl.load(list_row + i)
-            member = row_ok & (blk >= 0)
-        elif MODE == 1:
-            blk = tl.load(list_row + i)
-            bits = tl.load(mask_row + i)
-            member = row_ok & (((bits >> r_tok) & 1) != 0)
-        else:
-            blk = i
-            member = row_ok
+        blk, member = _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE)
         k_pos = blk * BLOCK_N + offs_n                       # [BLOCK_N] position in the document
         k_ok = (k_pos < doc_len) & (blk >= 0)
         k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
@@ -229,25 +257,13 @@ def _dq_kernel(
     if HAS_SKIP:
         if tl.load(SKIP + g * n_tiles + pid) != 0:
             return
-    doc = tl.load(TILE_DOC + pid)
-    if doc < 0:
+    run, doc_start, doc_len = _tile_doc(CU, TILE_DOC, pid, dense_len, dense_min, MODE)
+    if not run:
         return
-    doc_start = tl.load(CU + doc)
-    doc_len = tl.load(CU + doc + 1) - doc_start
-    is_dense = (doc_len < dense_len) & (doc_len > dense_min)
-    if MODE == 2:
-        if not is_dense:
-            return
-    else:
-        if is_dense:
-            return
-    tok0 = tl.load(TILE_START + pid)
-    n_tok = tl.minimum(doc_start + doc_len - tok0, TOK)
-
+    tok0, r_tok, row_ok, q_pos, list_row, mask_row, n_iter = _tile_walk(
+        TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_stride_h, list_stride_row, n_tiles,
+        G, TOK, BLOCK_M, BLOCK_N, SLOTS, SLOTS_P2, MODE)
     rows = tl.arange(0, BLOCK_M)
-    r_tok = rows // G
-    row_ok = (rows < TOK * G) & (r_tok < n_tok)
-    q_pos = tok0 + r_tok - doc_start
     head_q = g * G + rows % G
     head_in = rows % G
     offs_d = tl.arange(0, D)
@@ -269,29 +285,8 @@ def _dq_kernel(
     lse = tl.load(LSE + stat_off, mask=row_ok, other=float("inf"))                # [BLOCK_M]
     dq = tl.zeros([BLOCK_M, D], tl.float32)
 
-    if MODE == 0:
-        list_row = LIST + g * list_stride_h + tok0.to(tl.int64) * list_stride_row
-        slots = tl.arange(0, SLOTS_P2)
-        ids = tl.load(list_row + slots, mask=slots < SLOTS, other=-1)
-        n_iter = tl.max(tl.where(ids >= 0, slots + 1, 0), axis=0)
-    elif MODE == 1:
-        list_row = LIST + g * list_stride_h + pid.to(tl.int64) * list_stride_row
-        mask_row = MASKS + g * list_stride_h + pid.to(tl.int64) * list_stride_row
-        n_iter = tl.load(COUNT + g * n_tiles + pid)
-    else:
-        n_iter = (tok0 + n_tok - 1 - doc_start) // BLOCK_N + 1
-
     for i in range(0, n_iter):
-        if MODE == 0:
-            blk = tl.load(list_row + i)
-            member = row_ok & (blk >= 0)
-        elif MODE == 1:
-            blk = tl.load(list_row + i)
-            bits = tl.load(mask_row + i)
-            member = row_ok & (((bits >> r_tok) & 1) != 0)
-        else:
-            blk = i
-            member = row_ok
+        blk, member = _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE)
         k_pos = blk * BLOCK_N + offs_n
         k_ok = (k_pos < doc_len) & (blk >= 0)
         k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
