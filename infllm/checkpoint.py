@@ -183,12 +183,13 @@ def verify_checkpoint(path: str, rank: int = 0, world_size: int = 1) -> Dict[str
 
 
 def resolve_resume(resume: Optional[str], run_dir: str, rank: int = 0, world_size: int = 1,
-                   agree: Optional[Callable[[bool], bool]] = None) -> Optional[str]:
+                   agree: Optional[Callable[[bool], bool]] = None, asked: bool = True) -> Optional[str]:
     """checkpoint.resume: none | auto | a path. Returns the verified checkpoint directory to load, or None.
 
     auto: the newest checkpoint that verifies; a damaged one is passed over with a warning naming it and the
     reason, and when every checkpoint is damaged that is an error (never a silent start from scratch). Finding
-    no checkpoint at all is a loud warning naming the directory searched (the run starts from step 0).
+    no checkpoint at all is a loud warning naming the directory searched (the run starts from step 0), or an
+    info line when the user did not ask (`asked=False`: a preset's resume=auto, whose first start is normal).
     A path: that checkpoint, verified; damaged is an error. `agree(ok) -> all ranks ok`: the ranks' verdicts
     combined (each checks its share of the files), so that every rank resumes from the same checkpoint."""
     if resume in ("none", "", None):
@@ -208,9 +209,10 @@ def resolve_resume(resume: Optional[str], run_dir: str, rank: int = 0, world_siz
     if resume == "auto":
         found = list_checkpoints(run_dir)
         if not found:
-            log.warning("checkpoint.resume=auto: no complete checkpoint in %s; starting from scratch (step 0). "
-                        "To resume an earlier run, give its run_name=... (runs are named by start time) or "
-                        "checkpoint.resume=<path of a checkpoint>", checkpoint_root(run_dir))
+            log.log(logging.WARNING if asked else logging.INFO,
+                    "checkpoint.resume=auto: no complete checkpoint in %s; starting from scratch (step 0). "
+                    "To resume an earlier run, give its run_name=... (runs are named by start time) or "
+                    "checkpoint.resume=<path of a checkpoint>", checkpoint_root(run_dir))
             return None
         failures = []
         for path in reversed(found):

@@ -240,8 +240,10 @@ class Trainer:
         engine = self.engine
         # Each rank checksums its share of the files; they agree on the verdict, so all resume from the same one.
         agree = (lambda ok: engine.all_reduce_sum(int(not ok)) == 0) if engine.is_distributed else None
+        # Finding nothing is a warning when the command line asked for a resume (a preset's auto is quieter).
+        asked = self.argv is None or any(a.lstrip("+").startswith("checkpoint.resume=") for a in self.argv[1:])
         resume_path = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir, rank=engine.rank,
-                                          world_size=engine.world_size, agree=agree)
+                                          world_size=engine.world_size, agree=agree, asked=asked)
         if resume_path is not None:
             self.load_checkpoint(resume_path, verify=False)
         # A kill between checkpoints left rows of the steps about to be re-run.

@@ -153,3 +153,10 @@ def test_ranks_share_the_checksums_and_agree(tmp_path):
     chosen = [ckpt.resolve_resume("auto", str(tmp_path), rank=r, world_size=2, agree=lambda ok, r=r: ok and next(other[r]))
               for r in range(2)]
     assert chosen == [old, old]
+
+
+def test_nothing_to_resume_is_quieter_when_a_preset_asked(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="infllm.checkpoint"):
+        assert ckpt.resolve_resume("auto", str(tmp_path), asked=False) is None
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and "no complete checkpoint" in record.getMessage()
