@@ -122,3 +122,31 @@ def test_eval_and_no_grad_untouched():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
     assert model.get_decoder()._infllm_offload_stats["tensors"] == 0
+
+
+def test_zero3_two_ranks_with_every_option_match_one_plain_process(tmp_path):
+    """DeepSpeed ZeRO-3 (partitioned, tied lm_head/embedding) on 2 gloo ranks with the fused loss, TiledMLP (2
+    tiles a row) and activation offload: the same losses and gradient norms as one process with none of them."""
+    pytest.importorskip("deepspeed")
+    from data import build_train_loader
+    from infllm.trainer import Trainer
+    from tests.helpers import compose_config
+    from tests.test_distributed import BASE, _Interleaved, launch, metrics
+
+    run = str(tmp_path / "zero3_options")
+    _, out = launch(run, ["parallel=zero3", "checkpoint.every_steps=0", "checkpoint.save_hf=false",
+                          "trainer.loss=fused", "trainer.tiled_mlp=true", "trainer.activation_offload=true",
+                          "trainer.gradient_checkpointing=true"])
+    assert "trainer.loss: fused (chunked" in out and "'tiled_mlp': 2" in out
+    ref = str(tmp_path / "single_plain")
+    cfg = compose_config(BASE + ["parallel=single", "trainer.grad_accum_steps=4", "checkpoint.every_steps=0",
+                                 "checkpoint.save_hf=false", "trainer.loss=plain",
+                                 "trainer.gradient_checkpointing=true"], output_dir=ref)
+    trainer = Trainer.build(cfg)
+    trainer.loader = _Interleaved([build_train_loader(cfg.data, trainer.tokenizer, seq_len=cfg.trainer.seq_len,
+                                                      micro_batch_size=1, rank=r, world_size=2,
+                                                      seed=cfg.trainer.seed) for r in (0, 1)], per_rank=2)
+    trainer.fit()
+    torch.testing.assert_close(torch.tensor(metrics(run)), torch.tensor(metrics(ref)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(metrics(run, "grad_norm")), torch.tensor(metrics(ref, "grad_norm")),
+                               rtol=1e-3, atol=0)
