@@ -215,7 +215,8 @@ class TrainerConfig:
     # The language-model loss: plain (full logits, as transformers computes them) | fused (logits made and
     # consumed chunk by chunk, never the whole [tokens, vocab] at once) | auto (fused where it works).
     loss: str = "auto"
-    # Fused loss: tokens whose logits are made at once (0 = auto, about 1 GiB of fp32 logits per chunk).
+    # Fused loss, chunked implementation (CPU; Liger on CUDA sizes its own chunks): tokens whose logits are made
+    # at once (0 = auto, about 1 GiB of fp32 logits per chunk).
     loss_chunk_tokens: int = 0
     # DeepSpeed TiledMLP: each decoder MLP runs over sequence tiles, recomputed in the backward.
     tiled_mlp: bool = False

@@ -12,7 +12,8 @@ Only while the model is in training mode and labels are given; eval, generation 
 run the model's own forward unchanged. The loss runs inside the lm_head module's forward, so DeepSpeed
 ZeRO-3's hooks gather its (possibly tied, partitioned) weight around it as for any linear layer.
 
-Implementations (`linear_cross_entropy_sum(..., impl=)`), compared in bench/long_context.py --loss-only:
+Implementations (`linear_cross_entropy_sum(..., impl=)`), compared in bench/long_context.py --loss
+(bench/README.md, "Long context on one GPU"; Liger is the fastest and CUDA_IMPL):
 - chunked: ours, plain PyTorch, any device. The forward keeps one fp32 log-sum-exp per token; the backward
   recomputes each chunk's logits (one matmul more than the plain loss, no [tokens, vocab] tensor ever).
 - cce: Apple's cut-cross-entropy (Triton, CUDA only): logits never leave SRAM; gradient entries below the
@@ -264,7 +265,10 @@ def apply_loss(model: nn.Module, trainer_cfg, device_type: Optional[str] = None)
         # An instance attribute: the class (and so config.architectures in save_pretrained) stays the model's.
         model.forward = _fused_forward(model, type(model).forward.__get__(model))
         model._infllm_fused_loss = True
-    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]
-    log.info("trainer.loss: fused (%s, %s tokens per chunk)", head.loss_impl,
-             head.loss_chunk_tokens or f"auto={auto_chunk_tokens(vocab)}")
+    if impl in ("chunked", "deepspeed"):
+        vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]
+        log.info("trainer.loss: fused (%s, %s tokens per chunk)", impl,
+                 head.loss_chunk_tokens or f"auto={auto_chunk_tokens(vocab)}")
+    else:
+        log.info("trainer.loss: fused (%s)", impl)
     return kind
