@@ -7,7 +7,9 @@
 #   NGPU              processes on this node (default: the visible GPUs, 1 without a GPU)
 #   NNODES, MASTER_ADDR, PORT, RDZV   several nodes: see launch/multinode.sh, which sets these
 #   SHUTDOWN_TIMEOUT  seconds the processes get to finish their step and checkpoint after SIGTERM / SIGUSR1
-#                     before torchrun kills them (default 300)
+#                     before torchrun kills them (default 300), when torchrun itself is signalled
+# Exit status: 0 done (final/ written), 75 stopped by a signal after every rank saved its checkpoint (resume
+# with the command the run printed), anything else a failure.
 #   PYTHON            interpreter (default: the repository's .venv if there is one, else python3)
 #   DRY_RUN=1         print the command only
 # Without run_name=..., one timestamp is chosen here, so that every rank writes into the same run directory
@@ -93,4 +95,30 @@ cmd+=("$repo/train.py" "${overrides[@]}")
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS ${cmd[*]}" >&2
 [[ "$DRY_RUN" == 1 ]] && exit 0
 
-exec "${cmd[@]}"
+# Stopping (Ctrl-C, SIGTERM, SIGUSR1, SIGHUP) ends with the status a single `python train.py` gives, 75
+# ("stopped, resumable"; README, "Exit status"), without a traceback. torchrun runs in its own session, so that
+# neither it nor the training processes see a terminal's Ctrl-C; this script passes the signal to the training
+# processes only (torchrun's children). They finish the step, save the checkpoint together, rank 0 writes the
+# resume command into the marker file, and each exits 0 (INFLLM_STOP_EXIT_CODE), which torchrun takes as a
+# clean end; a second Ctrl-C aborts them at once.
+stop_marker="$(mktemp "${TMPDIR:-/tmp}/infllm-stop.XXXXXX")"
+trap 'rm -f "$stop_marker"' EXIT
+export INFLLM_STOP_MARKER="$stop_marker" INFLLM_STOP_EXIT_CODE=0
+if command -v setsid >/dev/null; then setsid "${cmd[@]}" & else "${cmd[@]}" & fi
+torchrun_pid=$!
+interrupted=0
+forward() {
+    interrupted=1
+    pkill "-$1" -P "$torchrun_pid" 2>/dev/null || kill "-$1" "$torchrun_pid" 2>/dev/null || true
+}
+for sig in INT TERM USR1 HUP; do trap "forward $sig" "$sig"; done
+# `wait` returns when a trapped signal arrives; wait again for the processes (saving their checkpoint).
+while :; do
+    wait "$torchrun_pid" && status=0 || status=$?
+    if [[ "$interrupted" == 1 ]]; then interrupted=0; continue; fi
+    break
+done
+if [[ "$status" == 0 && -s "$stop_marker" ]]; then
+    exit 75
+fi
+exit "$status"
