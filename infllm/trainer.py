@@ -188,19 +188,19 @@ class Trainer:
                     self.step + 1, " (Ctrl-C again aborts at once, without saving)" if signum == signal.SIGINT else "")
 
     def _report_stop(self, path: str) -> None:
-        """Say how the run stopped and the exact command that resumes it; tell launch/run.sh (a marker file)."""
+        """Say how the run stopped and the exact command that resumes it; tell launch/run.sh (a marker file,
+        written by every rank: each node's run.sh reads its own)."""
         self.stopped = True
-        if not self.is_main:
-            return
-        how = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
         command = resume_command(self.cfg, self.argv)
-        msg = (f"stopped by {how} after step {self.step} of {self.cfg.trainer.max_steps}; checkpoint saved: {path}\n"
-               f"resume with:  {command}")
-        log.warning(msg)
         marker = os.environ.get("INFLLM_STOP_MARKER")
         if marker:
             with open(marker, "w") as f:
                 f.write(f"{self.step}\n{command}\n")
+        if not self.is_main:
+            return
+        how = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a signal on another rank"
+        log.warning("stopped by %s after step %d of %d; checkpoint saved: %s\nresume with:  %s", how, self.step,
+                    self.cfg.trainer.max_steps, path, command)
 
     def _stop_requested(self) -> bool:
         """A signal can reach the ranks during different steps: they agree (any rank asked) so that all of
