@@ -110,12 +110,24 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return ckpts[-1] if ckpts else None
 
 
+def _files_under(directory: str) -> List[str]:
+    """Every file, sub-directories included (DeepSpeed writes its own into zero/), by relative path, sorted;
+    the ranks' partial checksum files left out."""
+    return sorted(rel for rel in (os.path.relpath(os.path.join(d, n), directory)
+                                  for d, _, ns in os.walk(directory) for n in ns)
+                  if not os.path.basename(rel).startswith(_PART_PREFIX))
+
+
+_PART_PREFIX = ".sha256_rank"
+
+
 def save_checkpoint(run_dir: str, step: int, files: Dict[str, Any], keep_last: int, is_main: bool = True,
-                    barrier: Optional[Callable[[], None]] = None) -> str:
+                    barrier: Optional[Callable[[], None]] = None, rank: int = 0, world_size: int = 1) -> str:
     """Write a checkpoint atomically. `files` maps a file name to a callable(path) that writes it.
 
-    Every rank writes its own files into one temporary directory; after a barrier the main rank writes the
-    manifest (names and sizes of all files) and renames the directory into place, then prunes old ones."""
+    Every rank writes its own files into one temporary directory; after a barrier each rank checksums a share of
+    all the files (every file once over the ranks), then the main rank writes the manifest (name, size and
+    SHA-256 of every file), renames the directory into place and prunes old ones."""
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = f"{final}.tmp"
@@ -129,10 +141,19 @@ def save_checkpoint(run_dir: str, step: int, files: Dict[str, Any], keep_last: i
     for name, writer in files.items():
         writer(os.path.join(tmp, name))
     sync()
+    if world_size > 1:
+        write_json(os.path.join(tmp, f"{_PART_PREFIX}{rank}.json"),
+                   _digests(tmp, _files_under(tmp)[rank::world_size]))
+        sync()
     if is_main:
-        # Every file, sub-directories included (DeepSpeed writes its own into zero/), by relative path.
-        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns)
-        digests = _digests(tmp, names)
+        names = _files_under(tmp)
+        digests: Dict[str, str] = {}
+        for part in (n for n in os.listdir(tmp) if n.startswith(_PART_PREFIX)):
+            with open(os.path.join(tmp, part)) as f:
+                digests.update(json.load(f))
+            os.remove(os.path.join(tmp, part))
+        # A file a rank did not list (a slow shared file system) is checksummed here.
+        digests.update(_digests(tmp, [n for n in names if n not in digests]))
         files_meta = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": digests[n]} for n in names}
         write_json(os.path.join(tmp, MANIFEST), {"format": FORMAT_VERSION, "step": step, "files": files_meta})
         _fsync_dir(tmp)

@@ -160,3 +160,38 @@ def test_nothing_to_resume_is_quieter_when_a_preset_asked(tmp_path, caplog):
         assert ckpt.resolve_resume("auto", str(tmp_path), asked=False) is None
     [record] = caplog.records
     assert record.levelno == logging.INFO and "no complete checkpoint" in record.getMessage()
+
+
+def test_ranks_share_the_checksumming_at_save(tmp_path):
+    """world_size ranks (threads here, one barrier): each checksums a share, the manifest has every file once."""
+    import hashlib
+    import threading
+
+    world = 3
+    data = {r: _payloads(10 + r, sizes=(100 + r, 7 + r)) for r in range(world)}
+    barrier = threading.Barrier(world)
+    hashed = []
+    real = ckpt._digests
+
+    def counting(directory, names):
+        hashed.extend(names)
+        return real(directory, names)
+
+    def rank_files(r):
+        return {f"r{r}_{n}": (lambda path, d=d: open(path, "wb").write(d)) for n, d in data[r].items()}
+
+    ckpt._digests = counting
+    try:
+        threads = [threading.Thread(target=ckpt.save_checkpoint, args=(str(tmp_path), 4, rank_files(r), 2),
+                                    kwargs=dict(is_main=r == 0, barrier=barrier.wait, rank=r, world_size=world))
+                   for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        ckpt._digests = real
+    manifest = ckpt.verify_checkpoint(os.path.join(str(tmp_path), "checkpoints", "step_00000004"))
+    expected = {f"r{r}_{n}": hashlib.sha256(d).hexdigest() for r in range(world) for n, d in data[r].items()}
+    assert {n: m["sha256"] for n, m in manifest["files"].items()} == expected
+    assert sorted(hashed) == sorted(expected)  # every file checksummed once, no partial file left behind
