@@ -321,8 +321,15 @@ def _manifest_key(directory: str) -> Optional[str]:
         return None
 
 
+# Caches whose skips were reported by this process: once per run is enough (the eval reads the cache again).
+_REPORTED: set = set()
+
+
 def _report_reused(directory: str, label: str) -> None:
     """A reused cache says again what its preparation skipped, so a skip is never silent on a later run."""
+    if directory in _REPORTED:
+        return
+    _REPORTED.add(directory)
     try:
         with open(os.path.join(directory, MANIFEST)) as f:
             manifest = json.load(f)

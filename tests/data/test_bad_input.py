@@ -52,6 +52,11 @@ def test_cache_key_honours_on_bad_document_and_reuse_repeats_the_skips(tmp_path,
     assert again == skipped
     assert "reusing the prepared cache" in caplog.text and "skipped 2 bad documents" in caplog.text
     assert "d.jsonl:4: invalid JSON" in caplog.text
+    # Once per process: the eval's later reads of the same cache stay quiet.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_all(make_cfg(sources=src), tok)
+    assert "reusing" not in caplog.text
     # A clean corpus: error mode prepares its own entry and its reuse is quiet.
     write_jsonl(tmp_path / "clean.jsonl", ["one", "two", "three"])
     clean = make_cfg(sources=[{"path": str(tmp_path / "clean.jsonl")}], on_bad_document="error")
