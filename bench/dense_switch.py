@@ -4,6 +4,7 @@ topk 64 -> k_eff 96, k_eff * B = 6144).
 
     PYTHONPATH=. python3 bench/dense_switch.py              # the table (H100: about a minute)
     PYTHONPATH=. python3 bench/dense_switch.py --profile    # also per-kernel GPU time of the dense path
+    python3 bench/dense_switch.py --backends --mixes one32k,mixed,many --out dense.json   # kernels.dense backends
 
 Rows per document mix (median ms, triton.testing.do_bench, fwd+bwd unless marked):
 - sdpa: dense causal per document, torch SDPA with the KV heads repeated (kernels.dense, backend "sdpa");
@@ -37,7 +38,11 @@ MIXES = {
     "mid": [7500] * 4 + [2768],                        # every doc but one in (6144, 8192): the dense path itself
     "many": [512] * 64,                                # many short docs (max < dense_len: infllm/attention.py
     "many-mixed": [256] * 32 + [1024] * 24,            # sends such rows to dense_attn_varlen, the "sdpa" row)
+    "one32k": [32768],                                 # the dense arm / eval at 32k: one long document
+    "4x8k": [8192] * 4,
 }
+# --backends: H_q, H_kv, d of the shapes timed.
+SHAPES = {"smollm2": (9, 3, 64), "llama3": (32, 8, 128), "minicpm4": (32, 2, 128)}
 
 
 def _inputs(lens, hq=9, hkv=3, d=64):
@@ -68,6 +73,68 @@ def _variants():
     yield "dense8192-rows128-w8s3", {"dense_rows": 128, "dense": {64: (8, 3), 128: (8, 2)}}, new(8192)
 
 
+def _dense_backends():
+    """(name, TUNING overrides, fn) of every dense path of kernels.dense, and SDPA cuDNN over one row per document
+    (equal lengths only) as the dense baseline of bench/kernels.py."""
+    import kernels.dense as dense
+
+    call = lambda backend: (lambda q, k, v, cu, m: dense_attn_varlen(q, k, v, cu, m, backend=backend))  # noqa
+    if dense._flash_varlen() is not None:
+        yield "flash", {}, call("flash")
+    if dense._torch_varlen() is not None:
+        yield "torch_varlen", {}, call("torch_varlen")
+    yield "triton", {}, call("triton")
+    yield "triton-b128", {"dense_block": 128}, call("triton")
+    yield "triton-rows128", {"dense_rows": 128}, call("triton")
+    yield "sdpa", {}, call("sdpa")
+
+    def cudnn_rows(q, k, v, cu, m):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        rows, g = q.shape[0] // m, q.shape[1] // k.shape[1]
+        bhtd = lambda x: x.view(rows, m, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                bhtd(q), bhtd(k.repeat_interleave(g, 1)), bhtd(v.repeat_interleave(g, 1)), is_causal=True)
+        return out.transpose(1, 2).reshape(q.shape)
+    yield "sdpa-cudnn-rows", {}, cudnn_rows
+
+
+def backends_table(args):
+    """Every dense backend on each (shape, mix), fwd and fwd+bwd, in one run; JSON to --out."""
+    import json
+
+    results = []
+    tuned = dict(attn.TUNING)
+    for shape in args.shapes.split(","):
+        for mix in args.mixes.split(","):
+            lens = MIXES[mix]
+            q, k, v, cu, m = _inputs(lens, *SHAPES[shape])
+            print(f"\n## {shape} {mix}: docs {lens[:6]}{'...' if len(lens) > 6 else ''}")
+            print("| backend | fwd ms | fwd+bwd ms |\n|---|---:|---:|")
+            for name, tuning, fn in _dense_backends():
+                if name == "sdpa-cudnn-rows" and len(set(lens)) != 1:
+                    continue
+                attn.TUNING.update(tuning)
+                row = dict(shape=shape, mix=mix, lens=lens, backend=name)
+                try:
+                    row["fwd_ms"] = _bench(fn, q, k, v, cu, m, backward=False)
+                    row["fwd_bwd_ms"] = _bench(fn, q, k, v, cu, m)
+                    print(f"| {name} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} |", flush=True)
+                except Exception as exc:  # keep the table going
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"| {name} | error: {row['error'][:200]} | |", flush=True)
+                finally:
+                    attn.TUNING.clear()
+                    attn.TUNING.update(tuned)
+                results.append(row)
+            del q, k, v
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=results), fh, indent=1)
+
+
 def _bench(fn, q, k, v, cu, m, backward=True):
     grad = torch.randn_like(q)
 
@@ -83,8 +150,13 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--mixes", default="mixed,short,mid")
     ap.add_argument("--variants", default="", help="comma-separated names (default: all)")
+    ap.add_argument("--backends", action="store_true", help="time every dense backend of kernels.dense instead")
+    ap.add_argument("--shapes", default="smollm2,llama3", help="with --backends: " + ", ".join(SHAPES))
+    ap.add_argument("--out", default="", help="with --backends: JSON path")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.backends:
+        return backends_table(args)
     saved = {key: attn.TUNING[key] for key in ("dense_rows", "dense")}
     for mix in args.mixes.split(","):
         lens = MIXES[mix]

@@ -18,7 +18,9 @@ Rows per case: sdpa-flash, sdpa-cudnn (dense causal); select (selection alone, n
 attention alone on the selection of the same data); infllm (kernels.infllm_v2_attn_varlen(impl="triton"),
 selection included). `--data smooth` draws queries that vary slowly along the sequence (a shared direction per
 64 tokens plus noise) instead of i.i.d.: neighbouring tokens then select overlapping blocks, as in trained models,
-which is what the token packing for G < 16 relies on; i.i.d. random data is its worst case.
+which is what the token packing for G < 16 relies on; i.i.d. random data is its worst case. `-real` cases time
+the sparse attention on the recorded selections of the real SmolLM2 on real text (bench/real_selection.py;
+random q/k/v values, which do not change the work), beside the selection alone on random data.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ SELECTIONS = {
 
 
 def _case(shape, seq_k, batch, sel, fwd_only=False, data="random"):
-    name = f"{shape}-{seq_k}kx{batch}-{sel}" + ("-fwd" if fwd_only else "") + ("-smooth" if data == "smooth" else "")
+    name = f"{shape}-{seq_k}kx{batch}-{sel}" + ("-fwd" if fwd_only else "") + ("" if data == "random" else f"-{data}")
     return name, dict(shape=shape, seqlen=seq_k * 1024, batch=batch, sel=sel, fwd_only=fwd_only, data=data)
 
 
@@ -72,6 +74,7 @@ CASES = dict([
     _case("llama3", 64, 4, "64blk"), _case("smollm2", 64, 4, "64blk"),
     _case("minicpm4", 32, 8, "64blk", data="smooth"), _case("llama3", 32, 8, "64blk", data="smooth"),
     _case("smollm2", 32, 8, "64blk", data="smooth"),
+    _case("smollm2", 32, 8, "64blk", data="real"), _case("smollm2", 32, 8, "96blk", data="real"),
 ])
 QUICK = ["minicpm4-32kx8-64blk", "minicpm4-128kx2-64blk", "llama3-32kx8-64blk", "llama3-32kx8-64blk-smooth"]
 # Tiny cases for a CPU smoke run under the Triton interpreter (no timing value, checks the script end to end).
@@ -274,8 +277,15 @@ def run_case(name, cfg, args, results):
 
     with torch.no_grad():
         try:
-            block_idx = kernels.infllm_v2_select(q, k, cu, seqlen, impl="triton" if on_gpu else "naive",
-                                                 check=False, **sel)
+            if cfg["data"] == "real":
+                # The selections of the real SmolLM2 on real text (bench/real_selection.py), 8 documents of 32k.
+                from bench.real_selection import load
+
+                block_idx = load(cfg["sel"])[0].to(device)
+                assert block_idx.shape[1] == n, f"recorded selections hold {block_idx.shape[1]} tokens, not {n}"
+            else:
+                block_idx = kernels.infllm_v2_select(q, k, cu, seqlen, impl="triton" if on_gpu else "naive",
+                                                     check=False, **sel)
         except Exception as exc:  # keep measuring the attention on a stand-in selection
             print(f"  {name}: selection FAILED ({type(exc).__name__}: {exc}); random selection instead")
             block_idx = random_block_idx(h_kv, n, seqlen, sel, device)
@@ -295,7 +305,8 @@ def run_case(name, cfg, args, results):
 
     for p in passes:
         record("sparse", p, (lambda: sparse(q, k, v)) if p == "fwd" else fwd_bwd(sparse), pairs_sparse)
-    if infllm_v2_select_triton is not None:
+    # On recorded selections the whole path would select anew from random q/k: its row would not be "real".
+    if infllm_v2_select_triton is not None and cfg["data"] != "real":
         for p in passes:
             record("infllm", p, (lambda: whole(q, k, v)) if p == "fwd" else fwd_bwd(whole), pairs_sparse)
 
@@ -441,6 +452,54 @@ def sweep_pack(args, results):
         torch.cuda.empty_cache()
 
 
+def _load_attention_copy(path):
+    """Another version of kernels/infllm_v2/attention.py as its own module (its custom ops renamed), so that two
+    versions can be timed in one process."""
+    import importlib.util
+
+    text = open(path).read().replace('"infllm::', '"infllm_ab::')
+    spec = importlib.util.spec_from_loader("_attention_ab", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__file__ = os.path.abspath(path)
+    sys.modules["_attention_ab"] = mod
+    exec(compile(text, mod.__file__, "exec"), mod.__dict__)
+    return mod
+
+
+def ab_compare(args, results):
+    """Sparse attention alone (fwd, fwd+bwd) of this attention.py against the copy at --ab, interleaved
+    (A B A B ...) on the same selection of each case; the medians of each side."""
+    other = _load_attention_copy(args.ab)
+    for case in args.cases.split(","):
+        cfg = CASES[case]
+        q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
+        sel = SELECTIONS[cfg["sel"]]
+        with torch.no_grad():
+            block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
+        do = torch.randn_like(q)
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        times = {}
+        for side, mod in (("this", attn), ("ab", other)) * args.ab_rounds:
+            def fwd():
+                return mod.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64)
+
+            def fb():
+                qg.grad = kg.grad = vg.grad = None
+                fwd().backward(do)
+            fb()
+            with torch.no_grad():
+                times.setdefault((side, "fwd"), []).append(time_ms(fwd, budget_ms=300))
+            times.setdefault((side, "fwd+bwd"), []).append(time_ms(fb, budget_ms=600))
+        for (side, pass_), ms in times.items():
+            row = dict(case=case, impl=f"ab-{side}", pass_=pass_, ms=statistics.median(ms), all_ms=ms,
+                       file=args.ab if side == "ab" else attn.__file__)
+            results.append(row)
+            print(f"  ab {case:30s} {side:5s} {pass_:8s} {row['ms']:8.2f} ms  {['%.2f' % x for x in ms]}", flush=True)
+        args.dump()
+        del q, k, v, do, block_idx, qg, kg, vg
+        torch.cuda.empty_cache()
+
+
 def pack_stats(block_idx, cu, n, seqlen, group):
     """Mean union sizes of the narrow and wide query tiles and the share of wide tiles the decision picks."""
     (_, tok_n), wide = attn._sparse_plan(group)
@@ -506,6 +565,9 @@ def main():
     ap.add_argument("--pack-variants", default="", help="JSON {name: TUNING overrides} replacing SWEEP_PACK")
     ap.add_argument("--pack-cases", default="", help="comma-separated cases of the packing sweep")
     ap.add_argument("--tuning", default="", help="JSON dict merged into kernels.infllm_v2.attention.TUNING")
+    ap.add_argument("--ab", default="", help="another attention.py: time its sparse attention against this one on "
+                    "--cases (interleaved) and stop")
+    ap.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per case with --ab")
     args = ap.parse_args()
     def tuning(text):
         return {key: ({int(a): tuple(b) for a, b in val.items()} if isinstance(val, dict) else val)
@@ -555,6 +617,10 @@ def main():
             json.dump(dict(meta=meta, rows=results, summary=summary), fh, indent=1, default=str)
         return text
 
+    if args.ab:
+        args.dump = dump
+        ab_compare(args, results)
+        names = []
     for name in names:
         print(f"[{time.time() - t0:6.1f}s] {name}", flush=True)
         run_case(name, table[name], args, results)

@@ -37,8 +37,7 @@ def nan_poison(monkeypatch):
 
 # (lens, H_q, H_kv, d): G = 1, 3, 8, 16 on CPU; every G of the brief on CUDA.
 CPU_CASES = [([37, 1, 70], 2, 2, 64), ([45, 20], 3, 1, 64), ([33, 64], 8, 1, 128), ([50, 3], 16, 1, 64)]
-GPU_CASES = [([700, 1, 333, 1200], h_kv * g, h_kv, d) for g in (1, 2, 3, 4, 6, 8, 16) for h_kv, d in
-             ((2, 64), (1, 128))]
+GPU_CASES = [([700, 1, 333, 1200], 2 * g, 2, 64 if g % 2 else 128) for g in (1, 2, 3, 4, 6, 8, 16)]
 
 
 def _id(case):
@@ -122,7 +121,7 @@ def test_cuda_backends_do_not_sync(backend):
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
-def test_cpu_triton_is_what_cuda_fp32_auto_picks():
+def test_fp32_takes_the_triton_dense_mode():
     """fp32 on CUDA has no FlashAttention kernel: auto takes the Triton dense mode, not the host loop."""
     q = torch.empty(4, 2, 64)
     assert dense._usable("triton", q)
