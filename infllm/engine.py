@@ -36,6 +36,9 @@ class Engine(Protocol):
     dp_size: int
     sp_rank: int
     sp_size: int
+    # What the gradient reduction divides the sum over ranks by (1 in one process): the trainer normalises each
+    # rank's summed loss by the window's target count over this, so the update is the mean over every target.
+    grad_divisor: int
     device: torch.device
 
     @property
@@ -109,6 +112,7 @@ class SingleEngine:
     dp_size = 1
     sp_rank = 0
     sp_size = 1
+    grad_divisor = 1
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device):
         self.model = model.to(device)

@@ -222,9 +222,9 @@ class Trainer:
         inputs = [shard_batch(b, engine.sp_rank, engine.sp_size) for b in batches]
         # Counted on the host copies, so no device sync; summed over every rank, each counting its own slices.
         n_targets = engine.all_reduce_sum(target_count(inputs))
-        # DeepSpeed averages gradients over the data-parallel replicas: normalise so that the average is the
-        # mean over every target of the window.
-        num_items = max(n_targets, 1) / engine.dp_size
+        # The gradient reduction divides the sum over ranks by engine.grad_divisor: normalise so that the result
+        # is the mean over every target of the window.
+        num_items = max(n_targets, 1) / engine.grad_divisor
         loss_sum = torch.zeros((), device=engine.device)
         for x in inputs:
             x = {name: t.to(engine.device, non_blocking=True) if isinstance(t, torch.Tensor) else t
@@ -233,7 +233,7 @@ class Trainer:
             engine.backward(out.loss)
             loss_sum += out.loss.detach()
         grad_norm = engine.step()
-        loss = float(engine.all_reduce_sum(loss_sum)) / engine.dp_size
+        loss = float(engine.all_reduce_sum(loss_sum)) / engine.grad_divisor
         return {"loss": loss, "grad_norm": grad_norm}
 
     def fit(self) -> Dict[str, Any]:

@@ -217,6 +217,9 @@ def test_sp_checks_seq_len_and_heads():
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if sys.argv[1] == "grads":
         _worker_grads(sys.argv[2], sys.argv[3:])
     else:

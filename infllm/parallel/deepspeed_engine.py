@@ -65,6 +65,10 @@ class DeepSpeedEngine:
         self.ds_config = setup.ds_config
         self.zero_init = setup.zero_init  # holds the HfDeepSpeedConfig the model was built with, for its lifetime
         self.sp_rank = self.rank % self.sp_size
+        # DeepSpeed 0.19 divides the all-ranks gradient sum by the data-parallel replicas (world / sp) at ZeRO-1/2,
+        # but by the world size in ZeRO-3's reduce-scatter (which ds_config pins on under sequence parallelism);
+        # tests/test_sequence_parallel.py checks both against one process.
+        self.grad_divisor = self.world_size if cfg.parallel.zero_stage == 3 else self.dp_size
         mpu = sequence_parallel_mpu() if self.sp_size > 1 else None
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu,

@@ -9,6 +9,7 @@ import torch
 
 from infllm.config import Config
 from infllm.engine import use_bf16
+from infllm.errors import ConfigError
 
 
 def deepspeed_config(cfg: Config, device: torch.device) -> Dict[str, Any]:
@@ -20,6 +21,10 @@ def deepspeed_config(cfg: Config, device: torch.device) -> Dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if p.zero_stage == 3 and p.sp_size > 1:
+        # One gradient-averaging rule under sequence parallelism: ZeRO-3's reduce-scatter path (its contiguous
+        # bucket path divides differently, see DeepSpeedEngine.grad_divisor).
+        zero["reduce_scatter"] = True
     ds: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -34,7 +39,11 @@ def deepspeed_config(cfg: Config, device: torch.device) -> Dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(ds, p.extra)
+    ds = _deep_merge(ds, p.extra)
+    if p.zero_stage == 3 and p.sp_size > 1 and not ds["zero_optimization"].get("reduce_scatter", True):
+        raise ConfigError("parallel.extra.zero_optimization.reduce_scatter=false cannot be combined with "
+                          "parallel.sp_size > 1 at ZeRO-3 (the gradients would be averaged by another rule)")
+    return ds
 
 
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
