@@ -35,8 +35,9 @@ def nan_poison(monkeypatch):
     monkeypatch.setattr(attn, "_empty_like", lambda *a, **kw: poison(torch.empty_like(*a, **kw)))
 
 
-# (lens, H_q, H_kv, d): G = 1, 3, 8, 16 on CPU; every G of the brief on CUDA.
+# (lens, H_q, H_kv, d): G = 1, 3, 8, 16 on CPU in fp32 and fp16, G = 2, 4, 6 in fp32; every G on CUDA in bf16.
 CPU_CASES = [([37, 1, 70], 2, 2, 64), ([45, 20], 3, 1, 64), ([33, 64], 8, 1, 128), ([50, 3], 16, 1, 64)]
+CPU_MORE_G = [([29, 17], 4, 2, 64), ([40, 9], 8, 2, 64), ([21, 33], 6, 1, 128)]
 GPU_CASES = [([700, 1, 333, 1200], 2 * g, 2, 64 if g % 2 else 128) for g in (1, 2, 3, 4, 6, 8, 16)]
 
 
@@ -59,6 +60,11 @@ def _check(backend, case, dtype, seed=0):
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(c) for c in CPU_CASES])
 def test_triton_dense_matches_oracle(case, dtype, nan_poison):
     _check("triton", case, dtype)
+
+
+@pytest.mark.parametrize("case", CPU_MORE_G, ids=[_id(c) for c in CPU_MORE_G])
+def test_triton_dense_matches_oracle_more_groups(case, nan_poison):
+    _check("triton", case, torch.float32)
 
 
 @pytest.mark.parametrize("case", CPU_CASES[:2], ids=[_id(c) for c in CPU_CASES[:2]])
