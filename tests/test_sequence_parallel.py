@@ -42,6 +42,8 @@ CASES = {
     "kv4_sparse": ["model.arch.num_key_value_heads=4", "attention.name=infllm_v2"],
 }
 ENGINES = {"zero2": ["parallel=zero2"], "zero3": ["parallel=zero3"]}
+MEMORY = ["trainer.loss=fused", "trainer.tiled_mlp=true", "trainer.activation_offload=true",
+          "trainer.gradient_checkpointing=true"]
 
 
 def _env():
@@ -138,14 +140,18 @@ def _one_process(tmp_path, name, overrides):
 def test_sp_loss_and_gradients_equal_one_process(tmp_path, nproc):
     cases = {f"{name}_zero2": overrides + ENGINES["zero2"] for name, overrides in CASES.items()}
     cases["kv2_sparse_zero3"] = CASES["kv2_sparse"] + ENGINES["zero3"]
+    if nproc == 2:
+        # The memory options compose with the slices: the fused loss on pre-shifted labels, TiledMLP over the
+        # local slice, offloaded checkpoint inputs; against the one process with none of them.
+        cases["kv2_sparse_memory_zero2"] = CASES["kv2_sparse"] + ENGINES["zero2"] + MEMORY
     got, log = _sp_runs(tmp_path, nproc, nproc, cases)
     assert f"sequence parallel over {nproc} ranks (1 replicas)" in log
     if nproc == 4:
         # 2 KV heads on 4 ranks: each KV head on 2 ranks, its group of 4 query heads split 2 + 2.
         assert "query groups split over 2 ranks, gathered for the selection" in log
     for name, overrides in cases.items():
-        base = [o for o in overrides if not o.startswith("parallel=")]
-        _assert_same_step(got[name], _one_process(tmp_path, name, base), name)
+        base = [o for o in overrides if not o.startswith("parallel=") and o not in MEMORY]
+        _assert_same_step(got[name], _one_process(tmp_path, name, base + ["trainer.loss=plain"]), name)
 
 
 def _metrics(run_dir):
