@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -21,13 +20,13 @@ from omegaconf import OmegaConf
 
 from data.batch import PackedBatch
 from infllm import checkpoint as ckpt
-from infllm.config import Config
-from infllm.engine import Engine, save_hf
-from infllm.errors import ConfigError
-from infllm.parallel.sequence import shard_batch, target_count
 from infllm.attention import configure_sparse_stats, expected_density, get_sparse_stats, reset_sparse_stats
+from infllm.config import Config
+from infllm.engine import Engine
+from infllm.errors import ConfigError
 from infllm.metrics import (MetricsLogger, causal_pairs, device_peak_tflops, format_eval_table, format_step_line,
                             train_flops)
+from infllm.parallel.sequence import shard_batch, target_count
 
 log = logging.getLogger(__name__)
 

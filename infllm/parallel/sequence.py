@@ -82,7 +82,6 @@ def apply_sequence_parallel(model: torch.nn.Module, sp_size: int, micro_batch_si
     """Wrap the model's attention function with DeepSpeed's Ulysses exchange (process-wide: transformers looks
     attention functions up by name) and, where a query group is split, install the all-gather of the group's
     queries for the selection. Collective (creates process groups); after `init_sequence_parallel`."""
-    import torch.distributed as dist
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
