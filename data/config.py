@@ -13,7 +13,10 @@ from infllm.errors import ConfigError, DataError
 
 __all__ = ["DataConfig", "SourceConfig", "DataError", "as_data_config"]
 
-SOURCE_KINDS = ("auto", "stdlib", "jsonl", "json", "parquet", "text", "arrow", "hf_saved", "hub", "prepared")
+# Long prose from Debian packages (data/prose.py); like stdlib, they need no path.
+PROSE_KINDS = ("austen", "linux_doc")
+SOURCE_KINDS = ("auto", "stdlib", "jsonl", "json", "parquet", "text", "arrow", "hf_saved", "hub",
+                "prepared") + PROSE_KINDS
 TEXT_UNITS = ("document", "line", "paragraph")
 
 
@@ -45,12 +48,13 @@ class SourceConfig:
     split: str = "train"
     subset: Optional[str] = None
     revision: Optional[str] = None
-    # kind=stdlib: only these top-level packages / modules (empty = the whole standard library).
+    # kind=stdlib: only these top-level packages / modules (empty = the whole standard library);
+    # austen: only these novels (emma, persuasion, ...); linux_doc: only these top-level directories.
     include: List[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         _check(self.kind in SOURCE_KINDS, f"{where}.kind", f"expected one of {SOURCE_KINDS}, got {self.kind!r}")
-        _check(self.kind == "stdlib" or bool(self.path), f"{where}.path",
+        _check(self.kind in ("stdlib",) + PROSE_KINDS or bool(self.path), f"{where}.path",
                f"kind={self.kind} needs a path (a file, directory, glob or hub name)")
         _check(self.weight > 0, f"{where}.weight", f"must be > 0, got {self.weight}")
         _check(self.min_chars >= 0, f"{where}.min_chars", f"must be >= 0, got {self.min_chars}")

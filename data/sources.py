@@ -21,7 +21,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from data.config import DataError, SourceConfig
+from data.config import PROSE_KINDS, DataError, SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ def resolve_source(src: SourceConfig, index: int = 0) -> ResolvedSource:
     base = {"kind": src.kind, "text_field": src.text_field, "min_chars": src.min_chars}
     if src.kind == "stdlib":
         return _resolve_stdlib(src, base)
+    if src.kind in PROSE_KINDS:
+        from data.prose import resolve_prose
+
+        return resolve_prose(src, index, base)
     if src.kind == "hub":
         spec = dict(base, name=src.path, subset=src.subset, split=src.split, revision=src.revision)
         return ResolvedSource(src, "hub", src.label, location=src.path, spec=spec)
@@ -150,6 +154,9 @@ def resolve_source(src: SourceConfig, index: int = 0) -> ResolvedSource:
                         "(or set the source's kind)")
     spec = dict(base, text_unit=src.text_unit, files=_stat_files([p for p, _ in files]),
                 kinds=sorted({k for _, k in files}))
+    from data.prose import check_not_eval_text
+
+    check_not_eval_text([p for p, _ in files], where)
     return ResolvedSource(src, "files", src.label, files=files, location=os.path.abspath(path), spec=spec)
 
 
@@ -398,10 +405,17 @@ def _hub_docs(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str
     yield from _iter_dataset_column(ds, src.cfg.text_field, src.location, bad)
 
 
+def _prose_docs(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str]]:
+    from data.prose import iter_prose
+
+    return iter_prose(src, bad)
+
+
 def iter_documents(src: ResolvedSource, bad: BadDocuments) -> Iterator[Tuple[str, str]]:
     """(text, where) for every document of the source, in a deterministic order; documents shorter than
     min_chars are left out silently (a filter, not an error)."""
-    readers = {"stdlib": _stdlib_docs, "files": _file_docs, "hf_saved": _saved_docs, "hub": _hub_docs}
+    readers = {"stdlib": _stdlib_docs, "files": _file_docs, "hf_saved": _saved_docs, "hub": _hub_docs,
+               "prose": _prose_docs}
     if src.kind not in readers:
         raise DataError(f"source {src.label!r}: kind {src.kind} has no documents to read")
     min_chars = src.cfg.min_chars
