@@ -6,6 +6,9 @@ causal attention through torch SDPA (flash backend = FlashAttention-2, and the c
     python3 bench/kernels.py --cases minicpm4-32kx8-64blk,llama3-32kx8-64blk --out results.json
     python3 bench/kernels.py --sweep-pack --cases smollm2-32kx8-64blk   # query-tile packing variants first
     python3 bench/kernels.py --sweep-pack --pack-variants '{"a": {"pack_cost": 1.0}}' --pack-cases CASE,...
+    python3 bench/kernels.py --sweep-pack --pack-variants '{"t16": {}, "t32": {"tile_tokens": 32, "wide_rows": 128,
+        "fwd_wide": {"64": [8, 2], "128": [8, 2]}, "dq_wide": {"64": [8, 2], "128": [8, 2]}}}'
+        --pack-cases smollm2-32kx8-64blk-real,llama3-32kx8-64blk-smooth --cases none   # 32-token tiles (untimed)
 
 For each case: median ms of the forward and of forward+backward, speedup over each dense backend measured in
 the same run, effective TFLOP/s counting only the attended (query, key) pairs (4 d flops per pair and head
@@ -421,7 +424,12 @@ def sweep_pack(args, results):
         q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
         sel = SELECTIONS[cfg["sel"]]
         with torch.no_grad():
-            block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
+            if cfg["data"] == "real":
+                from bench.real_selection import load
+
+                block_idx = load(cfg["sel"])[0].to("cuda")
+            else:
+                block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
         do = torch.randn_like(q)
         for name, over in SWEEP_PACK.items():
             attn.TUNING.update(over)
@@ -554,7 +562,7 @@ def summarise(results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a subset: " + ", ".join(QUICK))
-    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all; none: sweeps only)")
     ap.add_argument("--out", default="", help="JSON output path (default: $OUT/kernels.json or bench/results/)")
     ap.add_argument("--budget-ms", type=float, default=2500.0, help="time spent per measured row (approx.)")
     ap.add_argument("--no-dense", action="store_true", help="skip the SDPA baselines")
@@ -586,6 +594,7 @@ def main():
         args.device = "cuda"
         table = CASES
         names = QUICK if args.quick else (args.cases.split(",") if args.cases else list(CASES))
+        names = [] if names == ["none"] else names      # --cases none: only the sweeps
     unknown = [c for c in names if c not in table]
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; known: {list(table)}")

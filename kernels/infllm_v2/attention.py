@@ -66,7 +66,10 @@ TUNING = {
     # of their blocks when that costs less than its "narrow" sub-tiles walking their own (smaller) unions, decided
     # per tile and KV head on the GPU: wide iff union_wide * pack_cost <= sum of the narrow unions.
     "narrow_rows": 16,          # rows of a narrow tile (one token for G >= 16; 16 // G tokens below)
-    "wide_rows": 64,            # rows of a wide tile (at most 16 tokens: membership bits stay small)
+    "wide_rows": 64,            # rows of a wide tile (at most `tile_tokens` tokens)
+    # Most tokens in one union tile: 16 by default; up to 32 (the int32 membership bits), for 128-row wide tiles of
+    # G = 4 (or 96 rows of G = 3) on selections that overlap as real ones do (bench/README.md); not yet measured.
+    "tile_tokens": 16,
     "pack_cost": 1.2,           # cost of one block walked by a wide tile relative to a narrow one
     "dense_rows": 64,           # BLOCK_M of the dense-document forward / dQ tile
     "dkdv_rows": 64,            # query rows per step of the dK/dV loop
@@ -149,15 +152,16 @@ def _tile_walk(TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_
 
 
 @triton.jit
-def _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE: tl.constexpr):
-    # Step i of a tile's walk: the key block id (in its document) and which rows attend it.
+def _walk_block(list_row, mask_row, i, r_bit, row_ok, MODE: tl.constexpr):
+    # Step i of a tile's walk: the key block id (in its document) and which rows attend it (r_bit: each row's
+    # token in the tile, its bit in the membership mask).
     if MODE == 0:
         blk = tl.load(list_row + i)
         member = row_ok & (blk >= 0)
     elif MODE == 1:
         blk = tl.load(list_row + i)
         bits = tl.load(mask_row + i)
-        member = row_ok & (((bits >> r_tok) & 1) != 0)
+        member = row_ok & (((bits >> r_bit) & 1) != 0)
     else:
         blk = i
         member = row_ok
@@ -191,6 +195,7 @@ def _fwd_kernel(
         TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_stride_h, list_stride_row, n_tiles,
         G, TOK, BLOCK_M, BLOCK_N, SLOTS, SLOTS_P2, MODE)
     rows = tl.arange(0, BLOCK_M)
+    r_bit = tl.minimum(r_tok, 31)                            # membership bit of each row (padding rows clamped)
     head_q = g * G + rows % G                                # [BLOCK_M]
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -204,7 +209,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)                 # [BLOCK_M, D]
 
     for i in range(0, n_iter):
-        blk, member = _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE)
+        blk, member = _walk_block(list_row, mask_row, i, r_bit, row_ok, MODE)
         k_pos = blk * BLOCK_N + offs_n                       # [BLOCK_N] position in the document
         k_ok = (k_pos < doc_len) & (blk >= 0)
         k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
@@ -264,6 +269,7 @@ def _dq_kernel(
         TILE_START, LIST, MASKS, COUNT, pid, g, doc_start, doc_len, list_stride_h, list_stride_row, n_tiles,
         G, TOK, BLOCK_M, BLOCK_N, SLOTS, SLOTS_P2, MODE)
     rows = tl.arange(0, BLOCK_M)
+    r_bit = tl.minimum(r_tok, 31)
     head_q = g * G + rows % G
     head_in = rows % G
     offs_d = tl.arange(0, D)
@@ -286,7 +292,7 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, D], tl.float32)
 
     for i in range(0, n_iter):
-        blk, member = _walk_block(list_row, mask_row, i, r_tok, row_ok, MODE)
+        blk, member = _walk_block(list_row, mask_row, i, r_bit, row_ok, MODE)
         k_pos = blk * BLOCK_N + offs_n
         k_ok = (k_pos < doc_len) & (blk >= 0)
         k_row0 = (doc_start + blk * BLOCK_N).to(tl.int64)
@@ -618,10 +624,13 @@ def _pow2_floor(x: int) -> int:
 
 def _sparse_plan(group: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(rows, tokens) of the narrow sparse query tile and of the wide one (None when it would be the same).
-    Token counts are powers of two (a wide tile is whole narrow tiles), at most 16 (membership bits and the union
-    sort stay small). G >= 16: a narrow tile is one token and walks its own block_idx row."""
+    Token counts are powers of two (a wide tile is whole narrow tiles), at most TUNING["tile_tokens"] (<= 32: the
+    int32 membership bits; the union sort stays small). G >= 16: a narrow tile is one token and walks its own
+    block_idx row."""
+    max_tok = min(32, int(TUNING["tile_tokens"]))
+
     def tile(target_rows: int) -> tuple[int, int]:
-        tok = _pow2_floor(min(max(1, target_rows // group), 16))
+        tok = _pow2_floor(min(max(1, target_rows // group), max_tok))
         return max(16, triton.next_power_of_2(tok * group)), tok
 
     narrow, wide = tile(TUNING["narrow_rows"]), tile(TUNING["wide_rows"])

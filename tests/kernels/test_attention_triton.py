@@ -346,6 +346,32 @@ def test_wide_and_narrow_tiles(group, h_kv, pack_cost, nan_poison, monkeypatch):
     check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("group,pack_cost", [(4, 0.0), (3, 3.0)])
+def test_32_token_union_tiles(group, pack_cost, nan_poison, monkeypatch):
+    """TUNING tile_tokens 32 with 128-row wide tiles (G = 4: 32 tokens x 4 heads; G = 3: 96 rows of 128): the
+    membership bits use all 32 bits of the int32 mask; every token walked once, outputs and gradients exact."""
+    monkeypatch.setitem(attn.TUNING, "tile_tokens", 32)
+    monkeypatch.setitem(attn.TUNING, "wide_rows", 128)
+    monkeypatch.setitem(attn.TUNING, "pack_cost", pack_cost)
+    h_kv, lens, d, block_size, k_slots = 1, [75, 140], 64, 16, 4
+    assert attn._sparse_plan(group)[1] == (128, 32)
+    gen = torch.Generator().manual_seed(12)
+    block_idx = torch.cat([_local_selection(h_kv, lens[0], block_size, k_slots),
+                           random_selection(h_kv, lens[1:], block_size, k_slots, gen)], dim=1)
+    cu = _cu(lens)
+    walks = attn._query_walks(block_idx, cu, sum(lens), max(lens), block_size, group, -1, 0)
+    walked = _walks_per_token(walks[0], cu, sum(lens)) + _walks_per_token(walks[1], cu, sum(lens))
+    assert torch.equal(walked, torch.ones_like(walked))
+    if pack_cost == 0.0:
+        assert not walks[0][6][:, walks[0][3] >= 0].any()
+    inputs = _inputs(lens, group * h_kv, h_kv, d, gen)
+    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
+                               block_size=block_size)
+    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
+                                  dense_len=-1)
+    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+
+
 def test_sparse_plan_tile_sizes():
     """Narrow / wide tile (rows, tokens) per group size: wide tiles are whole narrow tiles, at most 16 tokens."""
     plans = {g: attn._sparse_plan(g) for g in (1, 2, 3, 4, 7, 8, 16, 32, 64)}
