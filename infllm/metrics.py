@@ -111,12 +111,13 @@ def format_eval_table(results: Dict[str, Any], step: int) -> str:
         return f"eval at step {step}: no accuracy or perplexity results"
     columns = tasks + ["<acc>", "<ppl>"]
     names = {"<acc>": "mean acc", "<ppl>": "ppl"}
-    header = [f"eval at step {step}"] + [names.get(c, c) for c in columns]
+    header = ["mode"] + [names.get(c, c) for c in columns]
     body = [[mode] + [_cell(vals.get(c)) for c in columns] for mode, vals in rows.items()]
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in [header] + body]
-    return "\n".join(lines)
+    # On its own lines, so that a log line's prefix does not shift the header off its columns.
+    return f"eval at step {step}:\n" + "\n".join(lines)
 
 
 class MetricsLogger:

@@ -289,7 +289,7 @@ class Trainer:
                 metrics = self._step_metrics(out, batches, n_tokens, dt)
                 self.last_metrics = metrics
                 if self.step == first_step + 1:
-                    _warn_if_never_sparse(cfg.attention, metrics)
+                    _warn_if_never_sparse(cfg.attention, cfg.trainer.seq_len, metrics)
                 if self.step % cfg.trainer.log_every == 0 or self.step == cfg.trainer.max_steps:
                     self.metrics.log(metrics)
                     if pbar is None and self.is_main:
@@ -421,10 +421,12 @@ def _log_attention(attn, seq_len: int) -> None:
                     seq_len, attn.k_eff, attn.block_size, keys, keys)
 
 
-def _warn_if_never_sparse(attn, metrics: Dict[str, Any]) -> None:
+def _warn_if_never_sparse(attn, seq_len: int, metrics: Dict[str, Any]) -> None:
     """After the first step: the data decides what the settings could not (every document below dense_len)."""
     if attn.name != "infllm_v2" or "sparse/sparse_tokens" not in metrics:
         return
+    if attn.dense_len != -1 and seq_len < attn.dense_len:
+        return  # _log_attention said so already
     if metrics["sparse/sparse_tokens"] == 0:
         log.warning("attention: no document of the first step reached attention.dense_len=%d tokens, so the step "
                     "ran entirely dense although the header says InfLLM-V2 sparse; the corpus's documents are "

@@ -1,5 +1,6 @@
 """The console's per-step line and eval table, and metrics.jsonl cut back to the resumed step."""
 import json
+import re
 from types import SimpleNamespace
 
 from infllm.metrics import MetricsLogger, format_eval_table, format_step_line
@@ -20,10 +21,15 @@ def test_eval_table_one_row_per_mode_one_column_per_task():
             "sparse/passkey/acc": 0.25, "sparse/kv/acc": 0.0, "sparse/acc": 0.125, "sparse/ppl": 1234.5,
             "sparse/passkey/needle_block_recall": 0.4}
     lines = format_eval_table(flat, step=20).splitlines()
-    assert len(lines) == 3
-    assert lines[0].split() == ["eval", "at", "step", "20", "passkey", "kv", "mean", "acc", "ppl"]
-    assert lines[1].split() == ["dense", "1.000", "0.500", "0.750", "12.340"]
-    assert lines[2].split() == ["sparse", "0.250", "0.000", "0.125", "1234.5"]
+    assert len(lines) == 4 and lines[0] == "eval at step 20:"
+    assert lines[1].split() == ["mode", "passkey", "kv", "mean", "acc", "ppl"]
+    assert lines[2].split() == ["dense", "1.000", "0.500", "0.750", "12.340"]
+    assert lines[3].split() == ["sparse", "0.250", "0.000", "0.125", "1234.5"]
+    # Columns line up: every cell of a column ends where its header ends.
+    ends = [m.end() for m in re.finditer(r"\S+", lines[1])]
+    ends = [ends[0], ends[1], ends[2], ends[4], ends[5]]  # "mean acc" is one column
+    for row in lines[2:]:
+        assert [m.end() for m in re.finditer(r"\S+", row)][1:] == ends[1:]
     assert "no accuracy" in format_eval_table({"dense/passkey/logprob": -1.0}, step=3)
 
 

@@ -334,9 +334,11 @@ def test_a_first_step_without_sparse_documents_warns(caplog):
 
     attn = AttentionConfig(name="infllm_v2", dense_len=4096)
     with caplog.at_level("WARNING"):
-        _warn_if_never_sparse(attn, {"sparse/sparse_tokens": 1.0, "sparse/dense_tokens": 10.0})
+        _warn_if_never_sparse(attn, 8192, {"sparse/sparse_tokens": 1.0, "sparse/dense_tokens": 10.0})
+        # seq_len below dense_len: the header's warning said it already.
+        _warn_if_never_sparse(attn, 2048, {"sparse/sparse_tokens": 0.0, "sparse/dense_tokens": 10.0})
         assert caplog.text == ""
-        _warn_if_never_sparse(attn, {"sparse/sparse_tokens": 0.0, "sparse/dense_tokens": 10.0})
+        _warn_if_never_sparse(attn, 8192, {"sparse/sparse_tokens": 0.0, "sparse/dense_tokens": 10.0})
     assert "no document of the first step reached attention.dense_len=4096" in caplog.text
 
 
