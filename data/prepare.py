@@ -386,7 +386,8 @@ def _write_shards(rsrc: ResolvedSource, tokenizer, cfg: DataConfig, tok: Dict, k
         "tokenizer": tok, "num_documents": writer.num_docs, "num_tokens": writer.num_tokens,
         "max_token_id": writer.max_token, "shards": writer.shards,
         "length_histogram": {"edges": HIST_EDGES[:last + 1], "counts": writer.hist[:last].tolist()},
-        "bad_documents": dict(bad.counts), "bad_examples": dict(bad.examples), "seconds": round(seconds, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "bad_documents": dict(bad.counts), "bad_examples": dict(bad.examples), "seconds": round(seconds, 2),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
 

@@ -165,7 +165,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path}: cannot load model/optimizer state: {e}") from None
         bad = _nonfinite_parameter(self.engine.module)
         if self.engine.all_reduce_sum(int(bad is not None)) > 0:
-            raise ckpt.CheckpointError(f"checkpoint {path}: the model weights hold NaN/inf ({bad or 'on another rank'}); "
+            where = bad or "on another rank"
+            raise ckpt.CheckpointError(f"checkpoint {path}: the model weights hold NaN/inf ({where}); "
                                        "the checkpoint is damaged: resume from an older one "
                                        "(checkpoint.resume=<path of …/checkpoints/step_N>)")
         self.loader.load_state_dict(state["loader"])

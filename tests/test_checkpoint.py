@@ -150,8 +150,8 @@ def test_ranks_share_the_checksums_and_agree(tmp_path):
     assert found[0] is None and "f3.bin" in found[1]
     # A simulated all-reduce: the other rank's verdicts, newest checkpoint first.
     other = {0: iter([False, True]), 1: iter([True, True])}
-    chosen = [ckpt.resolve_resume("auto", str(tmp_path), rank=r, world_size=2, agree=lambda ok, r=r: ok and next(other[r]))
-              for r in range(2)]
+    chosen = [ckpt.resolve_resume("auto", str(tmp_path), rank=r, world_size=2,
+                                  agree=lambda ok, r=r: ok and next(other[r])) for r in range(2)]
     assert chosen == [old, old]
 
 

@@ -353,7 +353,8 @@ def test_resume_command_forms(monkeypatch):
     tail = f"run_name={cfg.run_name} checkpoint.resume=auto"
     assert resume_command(cfg, argv) == f"python train.py experiment=debug 'eval.modes=[dense,sparse]' {tail}"
     monkeypatch.setenv("MAKELEVEL", "1")
-    assert resume_command(cfg, argv) == f"make train ARGS='experiment=debug '\"'\"'eval.modes=[dense,sparse]'\"'\"' {tail}'"
+    quoted = "'\"'\"'eval.modes=[dense,sparse]'\"'\"'"  # shlex.quote inside shlex.quote
+    assert resume_command(cfg, argv) == f"make train ARGS='experiment=debug {quoted} {tail}'"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -17,9 +17,9 @@ input prompt + answer[:-1], which is one document starting at 0):
     init blocks and the local window) whose block score is strictly higher; 0 when the block is forced (init or
     local). Scores are the reference's steps 1-5 (`kernels.infllm_v2.naive.block_scores_doc`, the one
     implementation) on the layer's q / k, fp32. A sample's rank is the worst rank over its needle blocks;
-    needle_block_rank is the median over (layer, KV head) pairs, needle_block_rank_best the minimum. A non-forced block is selected when its rank is within
-    the free slots (k_eff minus the forced blocks: topk - init_blocks - 1 once the query is past the window),
-    up to ties between nearly equal scores.
+    needle_block_rank is the median over (layer, KV head) pairs, needle_block_rank_best the minimum. A
+    non-forced block is selected when its rank is within the free slots (k_eff minus the forced blocks:
+    topk - init_blocks - 1 once the query is past the window), up to ties between nearly equal scores.
 
 The selection itself is the public `kernels.infllm_v2_select` with the model's own config and impl (the
 Triton kernel on CUDA), run once per layer on the layer's q / k as the attention received them. Costs one
