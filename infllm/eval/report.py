@@ -99,7 +99,9 @@ def markdown(records: Sequence[Dict[str, Any]], ppl: Dict[str, Dict], header: Di
             for m in modes:
                 if (m, t) not in val:
                     continue
-                cells = " | ".join(f"{_pct(val[(m, t, n)])} / {lp[(m, t, n)]:.2f}" if (m, t, n) in val else "-"
+                # RULER's tasks are scored on generations only: no answer log-prob.
+                cells = " | ".join(f"{_pct(val[(m, t, n)])} / {lp[(m, t, n)]:.2f}" if (m, t, n) in lp
+                                   else f"{_pct(val[(m, t, n)])} / -" if (m, t, n) in val else "-"
                                    for n in task_lengths)
                 lines.append(f"| {t} | {m} | {cells} |")
         if any("gen_exact" in r for r in records):

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from infllm.eval import report
+from infllm.eval import report, ruler
 from infllm.eval.config import EvalConfig
 from infllm.eval.haystack import corpus_haystack, heldout_documents
 from infllm.eval.perplexity import perplexity_by_position
@@ -49,6 +49,10 @@ def build_samples(tokenizer, eval_cfg: EvalConfig, data_cfg=None) -> List[Sample
     pool = HaystackPool(tokenizer, lambda n: corpus_haystack(data_cfg, tokenizer, n))
     samples: List[Sample] = []
     for task in eval_cfg.tasks:
+        if ruler.is_ruler_task(task):
+            samples += ruler.generate_samples(task, tokenizer, sorted(eval_cfg.lengths), eval_cfg.samples,
+                                              eval_cfg.seed, eval_cfg.task_params.get(task))
+            continue
         samples += generate_samples(task, tokenizer, sorted(eval_cfg.lengths), list(eval_cfg.depths),
                                     eval_cfg.samples, eval_cfg.seed, pool, eval_cfg.haystack,
                                     eval_cfg.task_params.get(task))
@@ -87,11 +91,15 @@ def _score(model, tokenizer, s: Sample, mode: str, eval_cfg: EvalConfig) -> Dict
     # eval.selection_probe: record InfLLM-V2's block selection for the answer queries (sparse mode only), on the
     # teacher-forced forward, else on generation's prefill (same positions unless chat-wrapped).
     recorder = sample_recorder(s, mode, eval_cfg.selection_probe)
-    teacher_forced = eval_cfg.scoring in ("teacher_forced", "both")
+    # RULER's tasks are scored by RULER's metric on a generation, whatever eval.scoring says.
+    is_ruler = ruler.is_ruler_task(s.task)
+    if is_ruler:
+        rec.update(ruler.score_ruler(model, tokenizer, s, eval_cfg.chat_template))
+    teacher_forced = eval_cfg.scoring in ("teacher_forced", "both") and not is_ruler
     if teacher_forced:
         with recording(model, recorder):
             rec.update(score_teacher_forced(model, s, eval_cfg.prefill_chunk))
-    if eval_cfg.scoring in ("generate", "both"):
+    if eval_cfg.scoring in ("generate", "both") and not is_ruler:
         gen_recorder = None if (teacher_forced or eval_cfg.chat_template) else recorder
         with recording(model, gen_recorder):
             scores, text = score_generate(model, tokenizer, s, eval_cfg.chat_template, eval_cfg.extra_new_tokens)
