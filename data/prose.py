@@ -6,8 +6,8 @@
 - linux_doc: the kernel documentation of `linux-doc-6.1` (GPL-2.0), `Documentation/` with its text files
   (.rst, .txt and the extensionless ABI files, most gzip-compressed by Debian; the YAML device-tree schemas,
   images and scripts left out). One document per top-level directory (filesystems, networking, ...) with its
-  files joined in path order, each after a `File: <path>` line: book-length documents; the files directly in
-  Documentation/ form one more document.
+  files joined in path order, each after a `File: <path>` line: book-length documents (83 for 6.1: 9.9M SmolLM2
+  tokens, median 24k, up to 1.6M); the files directly in Documentation/ form one more document.
 
 `path` may point elsewhere (a copied package, a test fixture); unset, the Debian install location is read. A
 missing package is a DataError that names the `apt-get install` line. `include` keeps only the named novels
