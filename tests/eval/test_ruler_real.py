@@ -55,8 +55,14 @@ def test_thirteen_tasks():
         assert cfg["tokens_to_generate"] > 0 and "{context}" in cfg["template"]
 
 
+def _wrong(values):
+    wrong = "~ zq ~"
+    assert not any(v.lower() in wrong for v in values)
+    return wrong
+
+
 @pytest.mark.parametrize("task", ruler.RULER_TASK_NAMES)
-def test_generation_is_deterministic_and_fits(tokenizer, task):
+def test_generation_is_deterministic_fits_and_scores(tokenizer, task):
     first = _samples(tokenizer, task)
     again = ruler.generate_samples(task, tokenizer, [_length(task)], 2, seed=0)
     assert [(s.prompt_ids, s.values) for s in again] == [(s.prompt_ids, s.values) for s in first]
@@ -75,6 +81,12 @@ def test_generation_is_deterministic_and_fits(tokenizer, task):
         if not task.startswith("ruler_qa"):
             # Retrieval and aggregation tasks: every answer is in the context.
             assert all(v in context for v in s.values)
+        # RULER's metric: 100% on the answer (in any case), 0% on a wrong or empty one.
+        answer = " " + ", ".join(s.values) + ".\n"
+        assert ruler.ruler_score(task, answer, s.values) == 1.0
+        assert ruler.ruler_score(task, answer.upper(), s.values) == 1.0
+        assert ruler.ruler_score(task, _wrong(s.values), s.values) == 0.0
+        assert ruler.ruler_score(task, "", s.values) == 0.0
 
 
 def test_generation_leaves_no_trace(tokenizer):
@@ -96,22 +108,6 @@ def test_lengths_are_reused_per_script_load(tokenizer):
     both = ruler.generate_samples("ruler_niah_multikey_1", tokenizer, [1500, 1100], 1, seed=2)
     alone = ruler.generate_samples("ruler_niah_multikey_1", tokenizer, [1500], 1, seed=2)
     assert [s.length for s in both] == [1100, 1500] and both[1].prompt_ids == alone[0].prompt_ids
-
-
-def _wrong(values):
-    wrong = "~ zq ~"
-    assert not any(v.lower() in wrong for v in values)
-    return wrong
-
-
-@pytest.mark.parametrize("task", ruler.RULER_TASK_NAMES)
-def test_scorer_full_on_the_answer_zero_on_a_wrong_one(tokenizer, task):
-    for s in _samples(tokenizer, task):
-        answer = " " + ", ".join(s.values) + ".\n"
-        assert ruler.ruler_score(task, answer, s.values) == 1.0
-        assert ruler.ruler_score(task, answer.upper(), s.values) == 1.0  # RULER matches case-insensitively
-        assert ruler.ruler_score(task, _wrong(s.values), s.values) == 0.0
-        assert ruler.ruler_score(task, "", s.values) == 0.0
 
 
 def test_partial_credit_follows_rulers_metrics():
@@ -173,4 +169,7 @@ def test_config_checks_and_missing_package(monkeypatch):
 def test_sample_tokens_are_the_models(tokenizer):
     s = _samples(tokenizer, "ruler_niah_single_1")[0]
     assert s.answer_ids == encode(tokenizer, " " + ", ".join(s.values))
-    assert s.prompt_ids[:s.haystack_span[0]] == [] or s.haystack_span[0] > 0
+    # RULER's template in the singular (its generator's own rewrite for one needle and one query).
+    assert tokenizer.decode(s.prompt_ids).startswith("A special magic number is hidden within the following text.")
+    context, prefix = s.prompt_ids[:s.context_len], s.prompt_ids[s.context_len:]
+    assert encode(tokenizer, tokenizer.decode(context)) + prefix == s.prompt_ids
