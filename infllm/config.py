@@ -52,6 +52,8 @@ class RopeScalingConfig:
 class ModelConfig:
     # A local Hugging Face causal-LM directory; null = the embedded default (SmolLM2-135M-Instruct GGUF).
     path: Optional[str] = None
+    # Set by model=hf: a path must be given (a missing one would otherwise fall back to the embedded model).
+    path_required: bool = False
     # Build a randomly initialised model from `arch` instead of loading weights (tests, debug).
     random_init: bool = False
     # For random_init: a transformers config as a dict, e.g. {model_type: llama, hidden_size: 64, ...}.
@@ -76,6 +78,8 @@ class ModelConfig:
                    f"expected a number >= 1 with rope_scaling.type={rs.type}, got {rs.factor!r}")
         if self.rope_theta is not None:
             _check(self.rope_theta > 0, "model.rope_theta", f"expected > 0, got {self.rope_theta}")
+        _check(self.path or not self.path_required, "model.path",
+               "model=hf needs model.path=/path/to/a/local/hf/model (a Hugging Face causal-LM directory)")
         if self.random_init:
             _check("model_type" in self.arch, "model.arch.model_type",
                    "random_init needs model.arch with at least model_type (e.g. llama)")

@@ -98,6 +98,11 @@ def test_every_experiment_preset_takes_effect(name):
 
 @pytest.mark.parametrize("group,option", _group_options(), ids=lambda x: x)
 def test_every_group_option_takes_effect(group, option):
+    if (group, option) == ("model", "hf"):
+        # model=hf is a template: without model.path it must fail (not fall back to the embedded model).
+        with pytest.raises(ConfigError, match=r"^model\.path: model=hf needs model\.path="):
+            compose_config(["~experiment", "model=hf"])
+        return
     # Without the default experiment, which would override some group values (e.g. trainer.seq_len).
     cfg = compose_config(["~experiment", f"{group}={option}"])
     _assert_applied(cfg, _file_values(group, option), f"{group}={option}")

@@ -16,7 +16,7 @@ def test_first_selection_call_is_not_timed(monkeypatch):
     def slow_first(*args, **kwargs):
         calls.append(args[0].shape[0])
         if len(calls) == 1:
-            time.sleep(0.5)  # what a Triton compile looks like from the host
+            time.sleep(3.0)  # what a Triton compile looks like from the host
         return real(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "infllm_v2_select", slow_first)
@@ -26,7 +26,8 @@ def test_first_selection_call_is_not_timed(monkeypatch):
         model(tokens(1, 200))
     first = get_sparse_stats(model, reset=True)
     assert len(calls) == 2                      # the untimed warm-up, then the timed call
-    assert 0 < first.select_ms < 400
+    # The 3 s warm-up is outside the timed call; the bound leaves a loaded CPU 2.5 s for the tiny selection.
+    assert 0 < first.select_ms < 2500
     with torch.no_grad():
         model(tokens(1, 200))
     assert len(calls) == 3                      # warm now: one timed call per forward
