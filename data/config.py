@@ -2,7 +2,7 @@
 
 Every `conf/data/*.yaml` is merged into `DataConfig`, so a mistyped key fails at compose time; the checks in
 `__post_init__` run when the config becomes objects and name the field. The same schema is read by
-`python -m data.prepare --config conf/data/<name>.yaml`.
+`python prepare.py --config conf/data/<name>.yaml` (or `python -m data.prepare ... --tokenizer DIR`).
 """
 from __future__ import annotations
 
