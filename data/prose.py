@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 from data.config import DataError, SourceConfig
 from data.rdata import read_r_objects
-from data.sources import BadDocuments, ResolvedSource
+from data.documents import BadDocuments, ResolvedSource
 
 AUSTEN_DIR = "/usr/lib/R/site-library/janeaustenr"
 LINUX_DOC_DIR = "/usr/share/doc/linux-doc-6.1/Documentation"
