@@ -21,3 +21,12 @@ def compose_config(overrides: List[str] = (), output_dir: str = "/tmp/infllm-tes
 
 def experiment_names() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "experiment")) if f.endswith(".yaml"))
+
+
+def flip_byte(path: str, offset: int, mask: int = 0xFF) -> None:
+    """Corrupt a file in place without changing its size: XOR the byte at `offset` with `mask`."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))

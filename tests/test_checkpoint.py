@@ -9,6 +9,7 @@ import torch
 
 from infllm import checkpoint as ckpt
 from infllm.errors import CheckpointError
+from tests.helpers import flip_byte
 
 
 def _save(run, step, payloads, keep_last=5):
@@ -25,14 +26,6 @@ def _payloads(seed, sizes=(1000, 70_001, 5)):
     g = torch.Generator().manual_seed(seed)
     return {f"f{i}.bin": bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist())
             for i, n in enumerate(sizes)}
-
-
-def _flip_one_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def test_manifest_holds_size_and_sha256_of_every_file(tmp_path):
@@ -59,7 +52,7 @@ def test_damaged_file_refused_naming_it(tmp_path, damage):
     target = os.path.join(path, "model.pt")
     size = os.path.getsize(target)
     if damage == "flip":
-        _flip_one_byte(target, size // 2)
+        flip_byte(target, size // 2)
     elif damage == "same_size_overwrite":
         with open(target, "wb") as f:
             f.write(os.urandom(size))
@@ -77,14 +70,14 @@ def test_damaged_file_refused_naming_it(tmp_path, damage):
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
     paths = [_save(tmp_path, step, _payloads(step)) for step in (2, 4, 6)]
     assert ckpt.resolve_resume("auto", str(tmp_path)) == paths[-1]
-    _flip_one_byte(os.path.join(paths[2], "f1.bin"), 123)
-    _flip_one_byte(os.path.join(paths[1], "f0.bin"), 0)
+    flip_byte(os.path.join(paths[2], "f1.bin"), 123)
+    flip_byte(os.path.join(paths[1], "f0.bin"), 0)
     with caplog.at_level(logging.WARNING):
         assert ckpt.resolve_resume("auto", str(tmp_path)) == paths[0]
     assert "step_00000006 is damaged" in caplog.text and "f1.bin" in caplog.text
     assert f"newest intact checkpoint {paths[0]}" in caplog.text
     # Every one damaged: an error listing them, never a silent start from scratch.
-    _flip_one_byte(os.path.join(paths[0], "f2.bin"), 4)
+    flip_byte(os.path.join(paths[0], "f2.bin"), 4)
     with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged.*f1\.bin.*f0\.bin.*f2\.bin"):
         ckpt.resolve_resume("auto", str(tmp_path))
 
@@ -138,7 +131,7 @@ def test_ranks_share_the_checksums_and_agree(tmp_path):
     data = _payloads(3, sizes=(11, 22, 33, 44, 55))
     old = _save(tmp_path, 1, _payloads(4, sizes=(9, 8)))
     path = _save(tmp_path, 2, data)
-    _flip_one_byte(os.path.join(path, "f3.bin"), 1)
+    flip_byte(os.path.join(path, "f3.bin"), 1)
     found = []
     for rank in range(2):
         try:

@@ -11,7 +11,7 @@ import torch
 from infllm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from infllm.config import ConfigError
 from infllm.trainer import Trainer
-from tests.helpers import compose_config
+from tests.helpers import compose_config, flip_byte
 
 DEBUG = ["experiment=debug", "trainer.progress_bar=false"]
 
@@ -255,21 +255,13 @@ def test_metrics_have_no_duplicates_after_a_kill_between_checkpoints(tmp_path):
     assert _steps(run) == [1, 2, 3, 4]
 
 
-def _flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 def test_damaged_checkpoint_refused_and_auto_falls_back(tmp_path, caplog):
     run = str(tmp_path / "run")
     common = DEBUG + SMALL + ["checkpoint.every_steps=1", "checkpoint.save_hf=false"]
     Trainer.build(compose_config(common + ["trainer.max_steps=2"], output_dir=run)).fit()
     step1, step2 = list_checkpoints(run)
     weights = os.path.join(step2, "model.safetensors")
-    _flip_byte(weights, os.path.getsize(weights) - 7)  # a same-size change a size check cannot see
+    flip_byte(weights, os.path.getsize(weights) - 7, mask=0x01)  # a same-size change a size check cannot see
     with pytest.raises(CheckpointError, match=r"step_00000002: file model\.safetensors does not match its checksum"):
         Trainer.build(compose_config(common + ["trainer.max_steps=3", f"checkpoint.resume={step2}"],
                                      output_dir=run)).fit()

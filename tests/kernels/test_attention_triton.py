@@ -68,16 +68,6 @@ def _reference(q, k, v, *, block_idx, cu_seqlens, block_size, dense_len, dense_m
     return masked_dense_attention(q, k, v, block_idx, cu_seqlens, block_size)
 
 
-@pytest.fixture
-def nan_poison(monkeypatch):
-    """Every buffer the kernels allocate starts as NaN (ints as -1): an unwritten element cannot pass."""
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
-
-    monkeypatch.setattr(attn, "_empty", lambda *a, **kw: poison(torch.empty(*a, **kw)))
-    monkeypatch.setattr(attn, "_empty_like", lambda *a, **kw: poison(torch.empty_like(*a, **kw)))
-
-
 def _dtypes():
     return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
@@ -338,12 +328,7 @@ def test_wide_and_narrow_tiles(group, h_kv, pack_cost, nan_poison, monkeypatch):
     # Every token is walked exactly once per KV head: by its wide tile or by its narrow tile, never both.
     walked = _walks_per_token(wide, cu, sum(lens)) + _walks_per_token(narrow, cu, sum(lens))
     assert torch.equal(walked, torch.ones_like(walked))
-    inputs = _inputs(lens, group * h_kv, h_kv, d, gen)
-    kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
-                               block_size=block_size)
-    reference = functools.partial(_reference, block_idx=block_idx, cu_seqlens=cu, block_size=block_size,
-                                  dense_len=-1)
-    check_fwd_bwd(kernel, reference, inputs, dtype=torch.float32)
+    _check_sparse_fp32(lens, group, h_kv, d, gen, block_idx, cu, block_size)
 
 
 @pytest.mark.parametrize("group,pack_cost", [(4, 0.0), (3, 3.0)])
@@ -364,6 +349,11 @@ def test_32_token_union_tiles(group, pack_cost, nan_poison, monkeypatch):
     assert torch.equal(walked, torch.ones_like(walked))
     if pack_cost == 0.0:
         assert not walks[0][6][:, walks[0][3] >= 0].any()
+    _check_sparse_fp32(lens, group, h_kv, d, gen, block_idx, cu, block_size)
+
+
+def _check_sparse_fp32(lens, group, h_kv, d, gen, block_idx, cu, block_size):
+    """Outputs and every gradient of the sparse kernel on `block_idx` against the oracle, fp32."""
     inputs = _inputs(lens, group * h_kv, h_kv, d, gen)
     kernel = functools.partial(block_sparse_attn_triton, block_idx=block_idx, cu_seqlens=cu, max_seqlen=max(lens),
                                block_size=block_size)

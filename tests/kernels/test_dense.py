@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import kernels.dense as dense
-import kernels.infllm_v2.attention as attn
 from kernels import dense_attn_varlen
 from tests.conftest import DEVICE, HAS_CUDA, requires_cuda
 from tests.kernels.oracle import dense_causal_attention
@@ -23,16 +22,6 @@ def _inputs(lens, h_q, h_kv, d, seed):
     mk = lambda h: torch.randn((n, h, d), generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     return {"q": mk(h_q), "k": mk(h_kv), "v": mk(h_kv)}, cu
-
-
-@pytest.fixture
-def nan_poison(monkeypatch):
-    """Every buffer the Triton kernels allocate starts as NaN (ints as -1)."""
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
-
-    monkeypatch.setattr(attn, "_empty", lambda *a, **kw: poison(torch.empty(*a, **kw)))
-    monkeypatch.setattr(attn, "_empty_like", lambda *a, **kw: poison(torch.empty_like(*a, **kw)))
 
 
 # (lens, H_q, H_kv, d): G = 1, 3, 8, 16 on CPU in fp32 and fp16, G = 2, 4, 6 in fp32; every G on CUDA in bf16.
