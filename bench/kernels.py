@@ -435,14 +435,7 @@ def sweep_pack(args, results):
             attn.TUNING.update(over)
             row = dict(case=case, impl="sweep-pack", variant=name, tuning=str(over))
             try:
-                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-
-                def fwd():
-                    return attn.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64)
-
-                def fb():
-                    qg.grad = kg.grad = vg.grad = None
-                    fwd().backward(do)
+                fwd, fb = _sparse_calls(attn, q, k, v, block_idx, cu, cfg["seqlen"], do)
                 fb()
                 with torch.no_grad():
                     row["fwd_ms"] = time_ms(fwd, budget_ms=600)
@@ -458,6 +451,20 @@ def sweep_pack(args, results):
             attn.TUNING.update(copy.deepcopy(tuned))
         del q, k, v, do, block_idx
         torch.cuda.empty_cache()
+
+
+def _sparse_calls(attn_module, q, k, v, block_idx, cu, seqlen, do):
+    """(forward, forward+backward) closures of `attn_module`'s block-sparse attention on fresh leaves of q, k, v."""
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fwd():
+        return attn_module.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, seqlen, block_size=64)
+
+    def fb():
+        qg.grad = kg.grad = vg.grad = None
+        fwd().backward(do)
+
+    return fwd, fb
 
 
 def _load_attention_copy(path):
@@ -485,15 +492,9 @@ def ab_compare(args, results):
         with torch.no_grad():
             block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
         do = torch.randn_like(q)
-        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         times = {}
         for side, mod in (("this", attn), ("ab", other)) * args.ab_rounds:
-            def fwd():
-                return mod.block_sparse_attn_triton(qg, kg, vg, block_idx, cu, cfg["seqlen"], block_size=64)
-
-            def fb():
-                qg.grad = kg.grad = vg.grad = None
-                fwd().backward(do)
+            fwd, fb = _sparse_calls(mod, q, k, v, block_idx, cu, cfg["seqlen"], do)
             fb()
             with torch.no_grad():
                 times.setdefault((side, "fwd"), []).append(time_ms(fwd, budget_ms=300))
@@ -504,7 +505,7 @@ def ab_compare(args, results):
             results.append(row)
             print(f"  ab {case:30s} {side:5s} {pass_:8s} {row['ms']:8.2f} ms  {['%.2f' % x for x in ms]}", flush=True)
         args.dump()
-        del q, k, v, do, block_idx, qg, kg, vg
+        del q, k, v, do, block_idx, fwd, fb
         torch.cuda.empty_cache()
 
 
