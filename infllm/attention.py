@@ -23,9 +23,10 @@ Document boundaries, in this order of preference:
   3. neither: every row is one document (no sync).
 Attention never crosses a document, in dense and sparse mode alike.
 
-Generation with a KV cache (L_q != L_k) and batches with padding (a 2D `attention_mask` with zeros) fall back
-to dense SDPA over the cache: selection over a cache is not implemented yet, so decode steps after a sparse
-prefill attend densely (the prefill itself is sparse).
+Generation with a KV cache (L_q != L_k): in sparse mode each new token selects its blocks over the cache as it
+would inside the whole document (`kernels.infllm_v2_attn_tail`; each row is one document), so decode steps
+after a sparse prefill stay sparse; in dense mode, and for batches with padding (a 2D `attention_mask` with
+zeros), dense SDPA over the cache.
 
 Legend: B rows, L tokens per row, N = B * L, H_q / H_kv heads, G = H_q / H_kv, d head dim, T document length,
 Bk = block_size, k_eff = topk + window_size // block_size.
@@ -370,6 +371,21 @@ def _sdpa_with_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2)
 
 
+def _sparse_with_cache(rt: "_Runtime", query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scaling: Optional[float]) -> torch.Tensor:
+    """The L_q newest tokens of each row over its L_k cached keys in sparse mode (generation without padding:
+    each row is one document). Every query selects its blocks over the cache exactly as inside the whole
+    document, so a sparse-mode eval decodes sparsely too. Returns [B, L_q, H_q, d]."""
+    from kernels import infllm_v2_attn_tail
+
+    kw = rt.kernel_kwargs()
+    kw.pop("impl")
+    dense_len = -1 if rt.effective_mode() == "sparse" else rt.cfg.dense_len
+    rows = [infllm_v2_attn_tail(query[b].transpose(0, 1), key[b].transpose(0, 1), value[b].transpose(0, 1),
+                                dense_len=dense_len, softmax_scale=scaling, **kw) for b in range(query.shape[0])]
+    return torch.stack(rows)
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: activation checkpointing recomputes the forward there, which
     must not be counted twice in the stats."""
@@ -392,6 +408,8 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     query, key, value = _autocast_inputs(query, key, value)
     B, Hq, L, d = query.shape
     if key.shape[2] != L or attention_mask is not None:
+        if attention_mask is None and rt.effective_mode() != "dense":
+            return _sparse_with_cache(rt, query, key, value, scaling), None
         return _sdpa_with_cache(query, key, value, attention_mask, scaling), None
 
     cu, max_seqlen, one_per_row = _document_bounds(rt, kwargs, B, L, query.device)

@@ -32,12 +32,18 @@ from kernels.infllm_v2._validate import (
 )
 from kernels.infllm_v2.naive import (
     block_sparse_attn_naive,
+    infllm_v2_attn_tail_naive,
     infllm_v2_attn_varlen_naive,
     infllm_v2_select_naive,
 )
 
+# The newest tokens of one document over its KV cache (decode steps, chunked prefill): a few queries a call,
+# so the PyTorch reference serves CPU and GPU alike.
+infllm_v2_attn_tail = infllm_v2_attn_tail_naive
+
 __all__ = [
     "infllm_v2_attn_varlen",
+    "infllm_v2_attn_tail",
     "infllm_v2_select",
     "block_sparse_attn_varlen",
     "dense_attn_varlen",

@@ -85,11 +85,13 @@ def block_kernel_table(n_blocks: int, nc: int, cfg: SparseConfig, device) -> tor
 
 
 def block_scores_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scale: float,
-                     lse_approx: bool) -> torch.Tensor:
-    """Steps 1-5 for one document: the block scores [H_kv, T, NB] (compute dtype), -inf where block b has no
-    visible overlapping kernel. Forced and future blocks are not applied here (see `select_doc`)."""
-    seq_len, h_q, _ = q_THD.shape
-    h_kv = k_THD.shape[1]
+                     lse_approx: bool, q_offset: int = 0) -> torch.Tensor:
+    """Steps 1-5 for one document: the block scores [H_kv, L, NB] (compute dtype), -inf where block b has no
+    visible overlapping kernel. Forced and future blocks are not applied here (see `select_doc`).
+    q holds L queries at positions q_offset .. q_offset + L - 1 of the document whose T keys k holds
+    (q_offset = 0, L = T: every token; q_offset = T - L: the newest tokens of a KV cache)."""
+    n_q, h_q, _ = q_THD.shape
+    seq_len, h_kv = k_THD.shape[0], k_THD.shape[1]
     group = h_q // h_kv
     n_blocks = -(-seq_len // cfg.block_size)
     dtype = _compute_dtype(q_THD)
@@ -102,18 +104,18 @@ def block_scores_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig
     nc2 = kc2_HCD.shape[1]
     table_BW = block_kernel_table(n_blocks, nc, cfg, q_THD.device)
 
-    scores_HTB = torch.full((h_kv, seq_len, n_blocks), float("-inf"), dtype=dtype, device=q_THD.device)
+    scores_HTB = torch.full((h_kv, n_q, n_blocks), float("-inf"), dtype=dtype, device=q_THD.device)
     if nc == 0:
         return scores_HTB
     q_all = q_THD.to(dtype)
     for g in range(h_kv):
-        for t0, t1 in _query_chunks(seq_len, group, nc + nc2):
-            t_T = torch.arange(t0, t1, device=q_THD.device)
+        for t0, t1 in _query_chunks(n_q, group, nc + nc2):
+            t_T = torch.arange(t0 + q_offset, t1 + q_offset, device=q_THD.device)
             # Folding the scale into q keeps the [G, T, NC] products cheaper; same math.
             q_GTD = scale * q_all[t0:t1, g * group:(g + 1) * group].transpose(0, 1)
             # Only kernels complete by the chunk's last token can be visible to any token of the chunk.
-            nc_chunk = n_kernels(t1, l, s)
-            nc2_chunk = n_kernels(t1, 4 * l, 4 * s) if nc2 > 0 else 0
+            nc_chunk = n_kernels(t1 + q_offset, l, s)
+            nc2_chunk = n_kernels(t1 + q_offset, 4 * l, 4 * s) if nc2 > 0 else 0
             score_TC = q_GTD.new_full((t1 - t0, nc + 1), float("-inf"))
             if nc_chunk == 0:
                 continue
@@ -143,16 +145,17 @@ def block_scores_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig
 
 
 def select_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scale: float,
-               lse_approx: bool) -> torch.Tensor:
-    """Steps 1-7 for one document: int32 [H_kv, T, K] block ids, ascending, padded with -1."""
-    seq_len = q_THD.shape[0]
+               lse_approx: bool, q_offset: int = 0) -> torch.Tensor:
+    """Steps 1-7 for one document: int32 [H_kv, L, K] block ids, ascending, padded with -1 (queries at
+    q_offset .. q_offset + L - 1, as in `block_scores_doc`)."""
+    n_q = q_THD.shape[0]
     device = q_THD.device
     k_eff = cfg.k_eff
-    scores_HTB = block_scores_doc(q_THD, k_THD, cfg, scale, lse_approx)
+    scores_HTB = block_scores_doc(q_THD, k_THD, cfg, scale, lse_approx, q_offset)
     h_kv, _, n_blocks = scores_HTB.shape
 
     # Step 6: forced and forbidden blocks.
-    c_T = torch.arange(seq_len, device=device) // cfg.block_size
+    c_T = (torch.arange(n_q, device=device) + q_offset) // cfg.block_size
     b_B = torch.arange(n_blocks, device=device)
     future_TB = b_B[None, :] > c_T[:, None]
     local_TB = (b_B[None, :] >= c_T[:, None] - cfg.n_local) & ~future_TB
@@ -170,18 +173,19 @@ def select_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scal
     # Dropped slots sort to the end as n_blocks, then become the -1 padding.
     top_HTK = torch.where(keep_TK, top_HTK, n_blocks).sort(dim=-1).values
     top_HTK = torch.where(top_HTK == n_blocks, -1, top_HTK)
-    out = torch.full((h_kv, seq_len, k_eff), -1, dtype=torch.int32, device=device)
+    out = torch.full((h_kv, n_q, k_eff), -1, dtype=torch.int32, device=device)
     out[..., :k_top] = top_HTK.to(torch.int32)
     return out
 
 
 def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, block_idx_HTK: torch.Tensor | None,
-               block_size: int, scale: float) -> torch.Tensor:
+               block_size: int, scale: float, q_offset: int = 0) -> torch.Tensor:
     """Step 8 for one document: softmax over keys u <= t in the blocks of I(t) (every block when
-    block_idx_HTK is None: dense causal). Returns [T, H_q, d] in the compute dtype. A token with no allowed
-    key (possible only with a hand-made block_idx) gets a zero output."""
-    seq_len, h_q, _ = q_THD.shape
-    h_kv = k_THD.shape[1]
+    block_idx_HTK is None: dense causal). Returns [L, H_q, d] in the compute dtype (queries at q_offset ..
+    q_offset + L - 1, as in `block_scores_doc`). A token with no allowed key (possible only with a hand-made
+    block_idx) gets a zero output."""
+    n_q, h_q, _ = q_THD.shape
+    seq_len, h_kv = k_THD.shape[0], k_THD.shape[1]
     group = h_q // h_kv
     n_blocks = -(-seq_len // block_size)
     device = q_THD.device
@@ -190,12 +194,12 @@ def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, bl
     block_of_u = torch.arange(seq_len, device=device) // block_size
 
     if block_idx_HTK is None:
-        allowed_HTB = torch.ones((h_kv, seq_len, n_blocks), dtype=torch.bool, device=device)
+        allowed_HTB = torch.ones((h_kv, n_q, n_blocks), dtype=torch.bool, device=device)
     else:
         # Scatter the selected ids into a [H_kv, T, NB] mask; -1 padding goes to a spare column.
         ids = block_idx_HTK.long()
         ids = torch.where(ids < 0, n_blocks, ids)
-        allowed_HTB = torch.zeros((h_kv, seq_len, n_blocks + 1), dtype=torch.bool, device=device)
+        allowed_HTB = torch.zeros((h_kv, n_q, n_blocks + 1), dtype=torch.bool, device=device)
         allowed_HTB.scatter_(2, ids, True)
         allowed_HTB = allowed_HTB[..., :n_blocks]
 
@@ -203,29 +207,30 @@ def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, bl
     for g in range(h_kv):
         k_UD, v_UD = k_c[:, g], v_c[:, g]
         chunks = []
-        for t0, t1 in _query_chunks(seq_len, group, seq_len):
-            t_T = torch.arange(t0, t1, device=device)
+        for t0, t1 in _query_chunks(n_q, group, seq_len):
+            t_T = torch.arange(t0 + q_offset, t1 + q_offset, device=device)
             q_GTD = q_c[t0:t1, g * group:(g + 1) * group].transpose(0, 1)
             # Keys after the chunk's last token are masked for every row of it: leave them out.
-            u_U = torch.arange(t1, device=device)
-            mask_TU = allowed_HTB[g, t0:t1][:, block_of_u[:t1]] & (u_U[None, :] <= t_T[:, None])
+            u_end = t1 + q_offset
+            u_U = torch.arange(u_end, device=device)
+            mask_TU = allowed_HTB[g, t0:t1][:, block_of_u[:u_end]] & (u_U[None, :] <= t_T[:, None])
             if bool(mask_TU.any(dim=-1).all()):
                 # The same masked softmax through SDPA's fused CPU/GPU kernels (much faster, also in the
                 # backward); the explicit form below is kept for rows with no allowed key.
-                k_GUD = k_UD[:t1].expand(group, t1, k_UD.shape[-1])
-                v_GUD = v_UD[:t1].expand(group, t1, v_UD.shape[-1])
+                k_GUD = k_UD[:u_end].expand(group, u_end, k_UD.shape[-1])
+                v_GUD = v_UD[:u_end].expand(group, u_end, v_UD.shape[-1])
                 out_GTD = F.scaled_dot_product_attention(q_GTD[None], k_GUD[None], v_GUD[None],
                                                          attn_mask=mask_TU, scale=scale)[0]
                 chunks.append(out_GTD.transpose(0, 1))
                 continue
-            logits_GTU = (scale * q_GTD @ k_UD[:t1].T).masked_fill(~mask_TU, float("-inf"))
+            logits_GTU = (scale * q_GTD @ k_UD[:u_end].T).masked_fill(~mask_TU, float("-inf"))
             # Softmax that leaves fully masked rows at zero instead of NaN.
             row_max_GT1 = logits_GTU.amax(dim=-1, keepdim=True).detach()
             row_max_GT1 = torch.where(torch.isfinite(row_max_GT1), row_max_GT1, 0.0)
             weights_GTU = torch.exp(logits_GTU - row_max_GT1)
             denom_GT1 = weights_GTU.sum(dim=-1, keepdim=True)
             probs_GTU = weights_GTU / torch.where(denom_GT1 > 0, denom_GT1, 1.0)
-            chunks.append((probs_GTU @ v_UD[:t1]).transpose(0, 1))  # [T_chunk, G, d]
+            chunks.append((probs_GTU @ v_UD[:u_end]).transpose(0, 1))  # [T_chunk, G, d]
         out_heads.append(torch.cat(chunks, dim=0) if chunks else q_c.new_zeros((0, group, q_c.shape[-1])))
     return torch.cat(out_heads, dim=1)
 
@@ -287,3 +292,30 @@ def infllm_v2_attn_varlen_naive(q, k, v, cu_seqlens, max_seqlen, *, block_size=6
                 idx_doc = select_doc(scoring_q.detach(), k_doc.detach(), cfg, scale, lse_approx)
         docs.append(attend_doc(q_doc, k_doc, v_doc, idx_doc, block_size, scale))
     return torch.cat(docs, dim=0).to(q.dtype)
+
+
+def infllm_v2_attn_tail_naive(q, k, v, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1,
+                              window_size=2048, topk=64, dense_len=8192, lse_approx=True, softmax_scale=None):
+    """InfLLM-V2 attention of the newest L tokens of one document over all its T keys (a KV cache: decode steps
+    and chunked prefill). q [L, H_q, d] holds the queries of positions T - L .. T - 1, k / v [T, H_kv, d] the
+    document's keys so far. Each query selects and attends exactly as it would inside the whole document's
+    `infllm_v2_attn_varlen` (the same steps 1-9, the same selection); the document is dense while
+    T < dense_len (T: its length so far). [L, H_q, d], q's dtype."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [L, H_q, d] and k, v [T, H_kv, d], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    n_q, h_q, d = q.shape
+    seq_len, h_kv = k.shape[0], k.shape[1]
+    if n_q > seq_len or h_q % h_kv:
+        raise ValueError(f"q has {n_q} tokens of {h_q} heads but k {seq_len} tokens of {h_kv} heads: expected "
+                         "L <= T and H_q a multiple of H_kv")
+    cfg = check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
+    check_dense_len(dense_len)
+    scale = resolve_softmax_scale(softmax_scale, d)
+    offset = seq_len - n_q
+    if dense_len != -1 and seq_len < dense_len:
+        idx = None
+    else:
+        with torch.no_grad():
+            idx = select_doc(q.detach(), k.detach(), cfg, scale, lse_approx, offset)
+    return attend_doc(q, k, v, idx, block_size, scale, offset).to(q.dtype)

@@ -396,3 +396,25 @@ def test_autocast_bf16_mixed_dtypes():
         apply_attention(model, sparse_cfg())
         out = model(ids).logits.float()
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama-G4-D32", "mistral-G2-D32"])
+def test_sparse_decode_over_cache_equals_whole_sequence(arch):
+    """A sparse prefill of 230 tokens then decode steps over the KV cache: every step's logits equal the last
+    position of one sparse forward over the whole sequence, so a sparse-mode eval also decodes sparsely."""
+    model = make_model(arch)
+    apply_attention(model, sparse_cfg())
+    ids = tokens(1, 230)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache, seq = out.past_key_values, ids
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            seq = torch.cat([seq, nxt], 1)
+            step = model(nxt, past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            close(step.logits[:, -1], model(seq).logits[:, -1], tol=1e-4)
+            nxt = step.logits[:, -1:].argmax(-1)
+        with attention_mode(model, "dense"):
+            dense_last = model(seq).logits[:, -1]
+    assert (dense_last - model(seq).logits[:, -1]).abs().max() > 1e-3  # the sequence is really sparse
