@@ -105,3 +105,37 @@ def test_launcher_end_to_end_tiny(tmp_path):
     again = subprocess.run(["bash", os.path.join(REPO, "launch", "s2l_smollm2.sh")], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "trained already" in again.stdout and "done already" in again.stdout
+
+
+def _step_eval(root, arm, step, metrics):
+    d = os.path.join(root, arm, "eval", f"step_{step:08d}")
+    os.makedirs(d)
+    json.dump({"metrics": metrics, "records": []}, open(os.path.join(d, "eval_results.json"), "w"))
+
+
+def test_retention_matches_cells_and_writes_plot(tmp_path):
+    """launch/s2l_retention.py: per step and arm the mean over tasks at each length; retention over the
+    (task, length) cells beyond 8k that both arms hold (the sparse arm's cut 32k cell is left out)."""
+    import s2l_retention
+
+    root = str(tmp_path)
+    full = {f"{m}/{t}/len{n}/acc": v for m in ("dense", "sparse") for t, v in (("niah_single", 1.0),
+            ("ruler_niah_single_2", 0.5)) for n in (8192, 16384, 32768)}
+    _step_eval(root, "base", 0, {k: v / 4 for k, v in full.items()})
+    _step_eval(root, "dense", 50, dict(full, **{"dense/ruler_niah_single_2/len32768/acc": 0.0}))
+    cut = {k: v for k, v in full.items() if "len32768" not in k}
+    cut["sparse/niah_single/len16384/acc"] = 0.5
+    _step_eval(root, "sparse", 50, cut)
+    with open(os.path.join(root, "dense", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 50, "loss": 1.0, "tokens_seen": 6_553_600}) + "\n")
+    assert s2l_retention.main([root]) == 0
+    data = json.load(open(os.path.join(root, "retention.json")))
+    rows = {r["step"]: r for r in data["rows"]}
+    assert rows[50]["tokens"] == 6_553_600
+    assert rows[50]["dense/dense"]["by_length"] == {"8192": 0.75, "16384": 0.75, "32768": 0.5}
+    # 16k only (the sparse arm has no 32k): (0.5 + 0.5) / (1.0 + 0.5)
+    assert rows[50]["retention"]["all"] == pytest.approx(1.0 / 1.5)
+    assert rows[50]["retention"]["ruler"] == pytest.approx(1.0)
+    assert rows[50]["retention"]["teacher_forced"] == pytest.approx(0.5)
+    assert rows[0]["retention"]["all"] == pytest.approx(1.0)  # the base model is both arms' step 0
+    assert os.path.getsize(os.path.join(root, "retention.png")) > 1000
