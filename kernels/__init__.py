@@ -32,14 +32,13 @@ from kernels.infllm_v2._validate import (
 )
 from kernels.infllm_v2.naive import (
     block_sparse_attn_naive,
-    infllm_v2_attn_tail_naive,
     infllm_v2_attn_varlen_naive,
     infllm_v2_select_naive,
 )
 
 # The newest tokens of one document over its KV cache (decode steps, chunked prefill): a few queries a call,
-# so the PyTorch reference serves CPU and GPU alike.
-infllm_v2_attn_tail = infllm_v2_attn_tail_naive
+# batched over heads and queries in PyTorch with no host read (kernels/infllm_v2/tail.py), on CPU and GPU alike.
+from kernels.infllm_v2.tail import infllm_v2_attn_tail_batched as infllm_v2_attn_tail  # noqa: E402
 
 __all__ = [
     "infllm_v2_attn_varlen",
