@@ -50,6 +50,8 @@ def warn_if_beyond_native_length(model: torch.nn.Module, seq_len: int, cfg: Conf
 # The exit status of a run stopped by a signal once its checkpoint is saved: "stopped, resumable" (EX_TEMPFAIL of
 # sysexits.h), apart from success (0, final/ written) and failure (1). launch/run.sh exits with it under torchrun.
 EXIT_STOPPED = 75
+# Written into an in-training eval's directory once its report is complete.
+EVAL_DONE = ".done"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -266,6 +268,9 @@ class Trainer:
             console.enter_context(logging_redirect_tqdm())
         device = self.engine.device
         try:
+            if self._eval_pending():
+                log.info("the eval of step %d did not finish before the stop: running it first", self.step)
+                self.run_eval()
             while self.step < cfg.trainer.max_steps:
                 t0 = time.perf_counter()
                 if device.type == "cuda":
@@ -302,10 +307,11 @@ class Trainer:
                     if "sparse/density" in metrics:
                         postfix["density"] = f"{metrics['sparse/density']:.2f}"
                     pbar.set_postfix(**postfix)
-                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                    self.run_eval()
+                # Checkpoint first: an eval cut by a stop or a kill then costs no training (it reruns at resume).
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    self.run_eval()
                 if self._stop_requested():
                     if pbar is not None:
                         pbar.close()
@@ -346,12 +352,25 @@ class Trainer:
             log.info("final model written to %s (Hugging Face format)", path)
         return path
 
+    def _eval_dir(self) -> str:
+        return os.path.join(self.run_dir, "eval", f"step_{self.step:08d}")
+
+    def _eval_pending(self) -> bool:
+        """Resumed at an eval step whose eval never finished (cut by a stop, or by a kill after the checkpoint)."""
+        every = self.cfg.eval.every_steps
+        pending = bool(every and 0 < self.step and self.step % every == 0
+                       and not os.path.isfile(os.path.join(self._eval_dir(), EVAL_DONE)))
+        if self.engine.is_distributed:  # rank 0's verdict, so that every rank joins the eval or none
+            pending = self.engine.all_reduce_sum(int(pending and self.is_main)) > 0
+        return pending
+
     def run_eval(self) -> Dict[str, Any]:
         """The eval suite on rank 0. Every rank calls it: under ZeRO-3 they all gather the weights first
         (`engine.gathered()`, a collective) and wait there until rank 0 is done; under ZeRO-1/2 rank 0 alone
         evaluates (the weights are whole on every rank) and the others wait at the next step's first collective.
         The torch RNG is restored afterwards, so the eval cannot change how training goes on."""
         from infllm.eval import run_suite
+        from infllm.eval.suite import EvalInterrupted
 
         engine = self.engine
         results: Dict[str, Any] = {}
@@ -361,9 +380,14 @@ class Trainer:
                 model.eval()
                 try:
                     with torch.random.fork_rng(devices=devices):
-                        out_dir = os.path.join(self.run_dir, "eval", f"step_{self.step:08d}")
+                        out_dir = self._eval_dir()
                         results = run_suite(model, self.tokenizer, self.cfg.eval, out_dir, data_cfg=self.cfg.data,
-                                            step=self.step, metrics_path=self.metrics.path)
+                                            step=self.step, metrics_path=self.metrics.path,
+                                            should_stop=lambda: self._stop_signal is not None)
+                    open(os.path.join(out_dir, EVAL_DONE), "w").close()
+                except EvalInterrupted:
+                    log.warning("eval at step %d cut by the stop; it runs again when this run resumes", self.step)
+                    results = {}
                 finally:
                     model.train()
         if self.is_main and results:

@@ -76,6 +76,43 @@ def test_sigterm_saves_checkpoint_and_resume_auto(tmp_path):
     assert not os.path.exists(os.path.join(run, "final"))
 
 
+def test_stop_during_eval_keeps_the_step_and_reruns_the_eval_at_resume(tmp_path, monkeypatch):
+    """SIGTERM while the in-training eval runs: the eval stops at the next sample, the step's checkpoint was
+    written before it, the run exits as stopped; the resumed run first reruns that eval, then goes on."""
+    import infllm.eval.suite as suite
+
+    run = str(tmp_path / "run")
+    common = DEBUG + ["trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.save_hf=false",
+                      "eval.every_steps=2", "eval.tasks=[passkey]", "eval.lengths=[512]", "eval.depths=[0.5]",
+                      "eval.samples=3", "eval.perplexity=false", "eval.modes=[dense]"]
+    trainer = Trainer.build(compose_config(common, output_dir=run))
+    orig = suite._score
+    calls = []
+
+    def score_then_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(suite, "_score", score_then_signal)
+    trainer.fit()
+    assert trainer.stopped and len(calls) == 1  # the second sample was never scored
+    assert latest_checkpoint(run).endswith("step_00000002")
+    step2 = os.path.join(run, "eval", "step_00000002")
+    assert not os.path.exists(os.path.join(step2, ".done"))
+
+    monkeypatch.setattr(suite, "_score", orig)
+    resumed = Trainer.build(compose_config(common + ["checkpoint.resume=auto"], output_dir=run))
+    resumed.fit()
+    assert resumed.step == 4 and not resumed.stopped
+    for step in (2, 4):
+        assert os.path.isfile(os.path.join(run, "eval", f"step_{step:08d}", ".done"))
+    evals = [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl")) if '"eval/' in l]
+    assert evals == [2, 4]
+    assert len(_losses(run)) == 4
+
+
 def test_partial_checkpoint_ignored_and_corrupt_refused(tmp_path):
     run = str(tmp_path / "run")
     common = DEBUG + ["trainer.max_steps=2", "checkpoint.every_steps=2", "checkpoint.save_hf=false"]

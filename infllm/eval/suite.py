@@ -10,7 +10,7 @@ import os
 import platform
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -124,9 +124,13 @@ def _mean_of(records: List[Dict[str, Any]], task: str) -> float:
     return sum(xs) / len(xs)
 
 
+class EvalInterrupted(Exception):
+    """run_suite's `should_stop` answered True between two samples (the trainer got a stop signal)."""
+
+
 def run_suite(model, tokenizer, eval_cfg: EvalConfig, out_dir: str, modes: Optional[Sequence[str]] = None, *,
               data_cfg=None, step: Optional[int] = None, metrics_path: Optional[str] = None,
-              title: Optional[str] = None) -> Dict[str, float]:
+              title: Optional[str] = None, should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Score `model` on the configured tasks in each attention mode (default: eval_cfg.modes) and write
     eval_results.json, eval_report.md and the PNGs to `out_dir`. Returns flat metrics without a prefix
     (<mode>/<task>/acc, <mode>/ppl/0-4096, seconds; the trainer logs them under "eval/").
@@ -153,6 +157,8 @@ def run_suite(model, tokenizer, eval_cfg: EvalConfig, out_dir: str, modes: Optio
                 skipped.append(mode)
                 continue
             with ctx, torch.no_grad():
+                if should_stop is not None and should_stop():
+                    raise EvalInterrupted(f"stopped before mode {mode}")
                 if ppl_docs:
                     t0 = time.time()
                     p = perplexity_by_position(model, ppl_docs, eval_cfg.resolved_ppl_length, eval_cfg.ppl_bucket,
@@ -165,6 +171,9 @@ def run_suite(model, tokenizer, eval_cfg: EvalConfig, out_dir: str, modes: Optio
                     batch = [s for s in samples if s.length == length]
                     t_len = time.time()
                     for s in batch:
+                        if should_stop is not None and should_stop():
+                            raise EvalInterrupted(f"stopped after {len(records)} of {len(samples) * len(modes)} "
+                                                  "samples")
                         records.append(_score(model, tokenizer, s, mode, eval_cfg))
                         # A partial report (no plots) after every sample: long CPU runs can be read meanwhile.
                         partial = dict(report.flat_metrics(records, ppl), seconds=time.time() - t_start)
