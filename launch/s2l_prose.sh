@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 16's experiment: SmolLM2-135M (8k native) -> 32k on real long prose (data=prose_mix), a dense arm and an
-# InfLLM-V2 arm on the same data and steps, each evaluated every 50 steps in dense and sparse mode (RULER needles,
+# InfLLM-V2 arm on the same data and steps, each evaluated every 100 steps in dense and sparse mode (RULER needles,
 # teacher-forced needles, perplexity by position), plus the untrained model (RoPE theta 1e6) as step 0. Then the
 # retention-vs-tokens table and plot (launch/s2l_retention.py).
 #   launch/s2l_prose.sh                        # one GPU: both arms side by side on it (a 135M model leaves most
