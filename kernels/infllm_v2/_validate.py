@@ -205,3 +205,17 @@ def check_block_idx_values(block_idx: torch.Tensor, bounds: list[int], block_siz
                 f"block_idx: ids must be -1 or in [0, {n_blocks}) for the document at tokens [{start}, {end}), "
                 f"got {value}"
             )
+
+
+def check_tail_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+    """The KV-cache call's shapes: q [L, H_q, d] (the newest L tokens), k, v [T, H_kv, d] with L <= T and
+    H_q a multiple of H_kv. Returns (L, T, H_q, H_kv, d)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"expected q [L, H_q, d] and k, v [T, H_kv, d], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    n_q, h_q, d = q.shape
+    seq_len, h_kv = k.shape[0], k.shape[1]
+    if n_q > seq_len or h_q % h_kv:
+        raise ValueError(f"q has {n_q} tokens of {h_q} heads but k {seq_len} tokens of {h_kv} heads: expected "
+                         "L <= T and H_q a multiple of H_kv")
+    return n_q, seq_len, h_q, h_kv, d

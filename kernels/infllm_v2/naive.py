@@ -25,6 +25,7 @@ from kernels.infllm_v2._validate import (
     check_qk,
     check_qkv,
     check_sparse_config,
+    check_tail_qkv,
     resolve_softmax_scale,
 )
 
@@ -301,14 +302,7 @@ def infllm_v2_attn_tail_naive(q, k, v, *, block_size=64, kernel_size=32, kernel_
     document's keys so far. Each query selects and attends exactly as it would inside the whole document's
     `infllm_v2_attn_varlen` (the same steps 1-9, the same selection); the document is dense while
     T < dense_len (T: its length so far). [L, H_q, d], q's dtype."""
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [L, H_q, d] and k, v [T, H_kv, d], got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    n_q, h_q, d = q.shape
-    seq_len, h_kv = k.shape[0], k.shape[1]
-    if n_q > seq_len or h_q % h_kv:
-        raise ValueError(f"q has {n_q} tokens of {h_q} heads but k {seq_len} tokens of {h_kv} heads: expected "
-                         "L <= T and H_q a multiple of H_kv")
+    n_q, seq_len, h_q, h_kv, d = check_tail_qkv(q, k, v)
     cfg = check_sparse_config(block_size, kernel_size, kernel_stride, init_blocks, window_size, topk)
     check_dense_len(dense_len)
     scale = resolve_softmax_scale(softmax_scale, d)

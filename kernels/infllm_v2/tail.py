@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.infllm_v2._validate import check_dense_len, check_sparse_config, resolve_softmax_scale
+from kernels.infllm_v2._validate import check_dense_len, check_sparse_config, check_tail_qkv, resolve_softmax_scale
 from kernels.infllm_v2.naive import _compute_dtype, block_kernel_table, compress_keys, infllm_v2_attn_tail_naive
 
 # Queries per call up to which the batched form runs; above it (a long prefill chunk) the reference's chunked
@@ -74,14 +74,7 @@ def infllm_v2_attn_tail_batched(q, k, v, *, block_size=64, kernel_size=32, kerne
                                 window_size=2048, topk=64, dense_len=8192, lse_approx=True, softmax_scale=None):
     """Same contract and result as `naive.infllm_v2_attn_tail_naive` (q [L, H_q, d], k / v [T, H_kv, d]), for
     L <= BATCHED_MAX_QUERIES; longer L goes to the reference. [L, H_q, d], q's dtype."""
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [L, H_q, d] and k, v [T, H_kv, d], got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    n_q, h_q, d = q.shape
-    seq_len, h_kv = k.shape[0], k.shape[1]
-    if n_q > seq_len or h_q % h_kv:
-        raise ValueError(f"q has {n_q} tokens of {h_q} heads but k {seq_len} tokens of {h_kv} heads: expected "
-                         "L <= T and H_q a multiple of H_kv")
+    n_q, seq_len, h_q, h_kv, d = check_tail_qkv(q, k, v)
     kw = dict(block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
               window_size=window_size, topk=topk, dense_len=dense_len, lse_approx=lse_approx,
               softmax_scale=softmax_scale)
