@@ -203,10 +203,49 @@ def task_config(task: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[s
     return cfg
 
 
+# Where generations are kept: $INFLLM_RULER_CACHE, else $INFLLM_CACHE/ruler; INFLLM_RULER_CACHE=off keeps none.
+CACHE_ENV = "INFLLM_RULER_CACHE"
+
+
+def _cache_path(task: str, cfg: Dict[str, Any], tokenizer, lengths: Sequence[int], num_samples: int,
+                seed: int) -> Optional[str]:
+    """Where generate_records keeps a generation (None: caching off): <dir>/<task>-<key>.json, the key over
+    everything the generators' output depends on: task config, lengths, samples, seed, tokenizer, the package's
+    version and wonderwords' word lists (the niah keys, vt's and cwe's words)."""
+    import hashlib
+    from importlib import metadata
+
+    from data.prepare import tokenizer_fingerprint
+    from infllm import cache_root
+
+    root = os.environ.get(CACHE_ENV) or os.path.join(cache_root(), "ruler")
+    if root.lower() in ("off", "0", "none"):
+        return None
+    try:
+        version = metadata.version(PACKAGE.split("==")[0])
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    words = hashlib.sha256()
+    try:
+        import wonderwords.random_word as rw
+
+        for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
+            words.update("\n".join(rw._get_words_from_text_file(name)).encode())
+    except Exception:  # another wonderwords layout: the generator itself will say what is missing
+        words.update(b"unknown")
+    blob = json.dumps({"task": task, "cfg": cfg, "lengths": sorted(set(lengths)), "samples": num_samples,
+                       "seed": seed, "tokenizer": tokenizer_fingerprint(tokenizer), "package": version,
+                       "words": words.hexdigest()}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return os.path.join(root, f"{task}-{key}.json")
+
+
 def generate_records(task: str, tokenizer, lengths: Sequence[int], num_samples: int, seed: int = 0,
                      overrides: Optional[Dict[str, Any]] = None) -> Dict[int, List[Dict[str, Any]]]:
     """RULER's records {index, input, outputs, length} for `task` at each max_seq_length in `lengths`, written
-    by the package's generator (base template: the task template followed by its answer prefix).
+    by the package's generator (base template: the task template followed by its answer prefix). A generation
+    is deterministic, so it is kept on disk (`_cache_path`) and read back by the next process that asks for the
+    same one (the niah generators cost 10-35 s of CPU each, at every start of a training or eval process).
 
     The script is loaded once per call (its module-level set-up, e.g. the niah key list of 6M adjective-noun
     pairs, takes tens of seconds) and its main() run once per length with the length set and the seeds reset,
@@ -219,6 +258,10 @@ def generate_records(task: str, tokenizer, lengths: Sequence[int], num_samples: 
                          f"got {short}")
     root, gen_constants, _ = _ruler_modules()
     cfg = task_config(task, overrides)
+    cache = _cache_path(task, cfg, tokenizer, lengths, num_samples, seed)
+    if cache is not None and os.path.isfile(cache):
+        with open(cache) as f:
+            return {int(n): records for n, records in json.load(f).items()}
     script = os.path.join(root, "data", "synthetic", f"{cfg['task']}.py")
     out: Dict[int, List[Dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="ruler_") as tmp:
@@ -253,6 +296,12 @@ def generate_records(task: str, tokenizer, lengths: Sequence[int], num_samples: 
         for r in records:
             r["tokens_to_generate"] = cfg["tokens_to_generate"]
             r["answer_prefix"] = cfg["answer_prefix"]
+    if cache is not None:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp_path = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp_path, "w") as f:
+            json.dump({str(n): records for n, records in out.items()}, f)
+        os.replace(tmp_path, cache)
     return out
 
 

@@ -31,7 +31,33 @@ def short_word_lists():
     real = rw._get_words_from_text_file
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rw, "_get_words_from_text_file", lambda name: real(name)[:60])
+        # Every test here generates afresh (the determinism checks must run the generators twice).
+        mp.setenv(ruler.CACHE_ENV, "off")
         yield
+
+
+def test_generations_are_cached_on_disk(tokenizer, tmp_path, monkeypatch):
+    """A second process asking for the same generation reads it back (the generator is not run); any change
+    of what the output depends on (here the seed, and the word lists) is another entry."""
+    monkeypatch.setenv(ruler.CACHE_ENV, str(tmp_path))
+    first = ruler.generate_samples("ruler_niah_single_2", tokenizer, [1100], 1, seed=3)
+    assert len(list(tmp_path.glob("ruler_niah_single_2-*.json"))) == 1
+
+    def no_generator(*a, **k):
+        raise AssertionError("the generator ran again")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ruler.runpy, "run_path", no_generator)
+        again = ruler.generate_samples("ruler_niah_single_2", tokenizer, [1100], 1, seed=3)
+    assert [(s.prompt_ids, s.values, s.meta) for s in again] == [(s.prompt_ids, s.values, s.meta) for s in first]
+    ruler.generate_samples("ruler_niah_single_2", tokenizer, [1100], 1, seed=4)
+    assert len(list(tmp_path.glob("ruler_niah_single_2-*.json"))) == 2
+    import wonderwords.random_word as rw
+
+    shorter = rw._get_words_from_text_file
+    monkeypatch.setattr(rw, "_get_words_from_text_file", lambda name: shorter(name)[:50])
+    ruler.generate_samples("ruler_niah_single_2", tokenizer, [1100], 1, seed=3)
+    assert len(list(tmp_path.glob("ruler_niah_single_2-*.json"))) == 3
 
 
 def _length(task: str) -> int:
