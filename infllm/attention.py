@@ -372,7 +372,7 @@ def _sdpa_with_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def _sparse_with_cache(rt: "_Runtime", query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       scaling: Optional[float]) -> torch.Tensor:
+                       scaling: Optional[float], dense_len: int) -> torch.Tensor:
     """The L_q newest tokens of each row over its L_k cached keys in sparse mode (generation without padding:
     each row is one document). Every query selects its blocks over the cache exactly as inside the whole
     document, so a sparse-mode eval decodes sparsely too. Returns [B, L_q, H_q, d]."""
@@ -380,7 +380,6 @@ def _sparse_with_cache(rt: "_Runtime", query: torch.Tensor, key: torch.Tensor, v
 
     kw = rt.kernel_kwargs()
     kw.pop("impl")
-    dense_len = -1 if rt.effective_mode() == "sparse" else rt.cfg.dense_len
     rows = [infllm_v2_attn_tail(query[b].transpose(0, 1), key[b].transpose(0, 1), value[b].transpose(0, 1),
                                 dense_len=dense_len, softmax_scale=scaling, **kw) for b in range(query.shape[0])]
     return torch.stack(rows)
@@ -408,8 +407,10 @@ def infllm_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     query, key, value = _autocast_inputs(query, key, value)
     B, Hq, L, d = query.shape
     if key.shape[2] != L or attention_mask is not None:
-        if attention_mask is None and rt.effective_mode() != "dense":
-            return _sparse_with_cache(rt, query, key, value, scaling), None
+        mode = rt.effective_mode()
+        if attention_mask is None and mode != "dense":
+            dense_len = -1 if mode == "sparse" else rt.cfg.dense_len
+            return _sparse_with_cache(rt, query, key, value, scaling, dense_len), None
         return _sdpa_with_cache(query, key, value, attention_mask, scaling), None
 
     cu, max_seqlen, one_per_row = _document_bounds(rt, kwargs, B, L, query.device)

@@ -10,15 +10,8 @@
 #                                              # the same command again resumes them where they stopped
 # Settings: PYTHON, ROOT (runs/s2l_prose), GPUS, TRAIN_ARGS / EVAL_ARGS (extra Hydra overrides), TRAIN_TIMEOUT.
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/s2l_env.sh"
 ROOT="${ROOT:-runs/s2l_prose}"
-read -r -a gpus <<< "${GPUS:-0}"
-read -r -a train_args <<< "${TRAIN_ARGS:-}"
-read -r -a eval_args <<< "${EVAL_ARGS:-}"
 limit=()
 [[ -n "${TRAIN_TIMEOUT:-}" ]] && limit=(timeout -s TERM -k 90 "$TRAIN_TIMEOUT")
 mkdir -p "$ROOT/logs"

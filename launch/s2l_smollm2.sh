@@ -17,15 +17,8 @@
 # InfLLM (v1) passkey baseline (bench/infllm_v1_longctx.py). A finished step is skipped on a re-run, a
 # training run that was cut resumes from its last checkpoint (checkpoint.resume=auto).
 set -euo pipefail
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$repo"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/s2l_env.sh"
 ROOT="${ROOT:-runs/s2l}"
-read -r -a gpus <<< "${GPUS:-0}"
-read -r -a train_args <<< "${TRAIN_ARGS:-}"
-read -r -a eval_args <<< "${EVAL_ARGS:-}"
 mkdir -p "$ROOT/logs"
 
 train() {  # train ARM GPU [EXPERIMENT [overrides...]]

@@ -7,4 +7,9 @@ from kernels.infllm_v2.naive import (
     infllm_v2_select_naive,
 )
 
-__all__ = ["block_sparse_attn_naive", "infllm_v2_attn_tail_naive", "infllm_v2_attn_varlen_naive", "infllm_v2_select_naive"]
+__all__ = [
+    "block_sparse_attn_naive",
+    "infllm_v2_attn_tail_naive",
+    "infllm_v2_attn_varlen_naive",
+    "infllm_v2_select_naive",
+]

@@ -145,18 +145,14 @@ def block_scores_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig
     return scores_HTB
 
 
-def select_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scale: float,
-               lse_approx: bool, q_offset: int = 0) -> torch.Tensor:
-    """Steps 1-7 for one document: int32 [H_kv, L, K] block ids, ascending, padded with -1 (queries at
-    q_offset .. q_offset + L - 1, as in `block_scores_doc`)."""
-    n_q = q_THD.shape[0]
-    device = q_THD.device
+def select_from_scores(scores_HTB: torch.Tensor, t_T: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Steps 6-7 from the block scores [H_kv, L, NB] of the queries at positions t_T: int64 [H_kv, L, k_top]
+    block ids (k_top = min(k_eff, NB)), ascending, padded with -1."""
+    n_blocks = scores_HTB.shape[-1]
+    device = scores_HTB.device
     k_eff = cfg.k_eff
-    scores_HTB = block_scores_doc(q_THD, k_THD, cfg, scale, lse_approx, q_offset)
-    h_kv, _, n_blocks = scores_HTB.shape
-
     # Step 6: forced and forbidden blocks.
-    c_T = (torch.arange(n_q, device=device) + q_offset) // cfg.block_size
+    c_T = t_T // cfg.block_size
     b_B = torch.arange(n_blocks, device=device)
     future_TB = b_B[None, :] > c_T[:, None]
     local_TB = (b_B[None, :] >= c_T[:, None] - cfg.n_local) & ~future_TB
@@ -173,10 +169,32 @@ def select_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scal
     keep_TK = torch.arange(k_top, device=device)[None, :] < n_selected_T[:, None]
     # Dropped slots sort to the end as n_blocks, then become the -1 padding.
     top_HTK = torch.where(keep_TK, top_HTK, n_blocks).sort(dim=-1).values
-    top_HTK = torch.where(top_HTK == n_blocks, -1, top_HTK)
+    return torch.where(top_HTK == n_blocks, -1, top_HTK)
+
+
+def select_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, cfg: SparseConfig, scale: float,
+               lse_approx: bool, q_offset: int = 0) -> torch.Tensor:
+    """Steps 1-7 for one document: int32 [H_kv, L, K] block ids, ascending, padded with -1 (queries at
+    q_offset .. q_offset + L - 1, as in `block_scores_doc`)."""
+    n_q = q_THD.shape[0]
+    device = q_THD.device
+    k_eff = cfg.k_eff
+    scores_HTB = block_scores_doc(q_THD, k_THD, cfg, scale, lse_approx, q_offset)
+    h_kv = scores_HTB.shape[0]
+    top_HTK = select_from_scores(scores_HTB, torch.arange(n_q, device=device) + q_offset, cfg)
+    k_top = top_HTK.shape[-1]
     out = torch.full((h_kv, n_q, k_eff), -1, dtype=torch.int32, device=device)
     out[..., :k_top] = top_HTK.to(torch.int32)
     return out
+
+
+def masked_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim (-inf = masked) that leaves fully masked rows at zero instead of NaN."""
+    row_max = logits.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = torch.exp(logits - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(denom > 0, denom, 1.0)
 
 
 def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, block_idx_HTK: torch.Tensor | None,
@@ -225,12 +243,7 @@ def attend_doc(q_THD: torch.Tensor, k_THD: torch.Tensor, v_THD: torch.Tensor, bl
                 chunks.append(out_GTD.transpose(0, 1))
                 continue
             logits_GTU = (scale * q_GTD @ k_UD[:u_end].T).masked_fill(~mask_TU, float("-inf"))
-            # Softmax that leaves fully masked rows at zero instead of NaN.
-            row_max_GT1 = logits_GTU.amax(dim=-1, keepdim=True).detach()
-            row_max_GT1 = torch.where(torch.isfinite(row_max_GT1), row_max_GT1, 0.0)
-            weights_GTU = torch.exp(logits_GTU - row_max_GT1)
-            denom_GT1 = weights_GTU.sum(dim=-1, keepdim=True)
-            probs_GTU = weights_GTU / torch.where(denom_GT1 > 0, denom_GT1, 1.0)
+            probs_GTU = masked_softmax(logits_GTU)
             chunks.append((probs_GTU @ v_UD[:u_end]).transpose(0, 1))  # [T_chunk, G, d]
         out_heads.append(torch.cat(chunks, dim=0) if chunks else q_c.new_zeros((0, group, q_c.shape[-1])))
     return torch.cat(out_heads, dim=1)

@@ -12,17 +12,19 @@ from __future__ import annotations
 import torch
 
 from kernels.infllm_v2._validate import check_dense_len, check_sparse_config, check_tail_qkv, resolve_softmax_scale
-from kernels.infllm_v2.naive import _compute_dtype, block_kernel_table, compress_keys, infllm_v2_attn_tail_naive
+from kernels.infllm_v2.naive import (
+    _compute_dtype,
+    block_kernel_table,
+    compress_keys,
+    infllm_v2_attn_tail_naive,
+    kernel_visibility,
+    masked_softmax,
+    select_from_scores,
+)
 
 # Queries per call up to which the batched form runs; above it (a long prefill chunk) the reference's chunked
 # loops keep the [H_q, L, NC] intermediates bounded.
 BATCHED_MAX_QUERIES = 64
-
-
-def _visible(t_L: torch.Tensor, nc: int, kernel_size: int, kernel_stride: int) -> torch.Tensor:
-    """[L, NC] bool: kernel j is complete by token t (j*s + l - 1 <= t)."""
-    last = torch.arange(nc, device=t_L.device) * kernel_stride + kernel_size - 1
-    return last[None, :] <= t_L[:, None]
 
 
 def _select(q_KGLD, k_THD, cfg, lse_approx: bool, t_L: torch.Tensor) -> torch.Tensor:
@@ -36,38 +38,22 @@ def _select(q_KGLD, k_THD, cfg, lse_approx: bool, t_L: torch.Tensor) -> torch.Te
     if nc == 0:
         scores_KLB = q_KGLD.new_full((h_kv, n_q, n_blocks), float("-inf"))
     else:
-        vis_LC = _visible(t_L, nc, l, s)
+        vis_LC = kernel_visibility(t_L, nc, l, s)
         logits = torch.einsum("kgld,kcd->kglc", q_KGLD, kc_KCD).masked_fill(~vis_LC, float("-inf"))
-        lse_exact = torch.logsumexp(logits, dim=-1)
-        if lse_approx:
-            kc2_KCD = compress_keys(k_THD, 4 * l, 4 * s)
-            if kc2_KCD.shape[1] > 0:
-                vis2_LC = _visible(t_L, kc2_KCD.shape[1], 4 * l, 4 * s)
-                logits2 = torch.einsum("kgld,kcd->kglc", q_KGLD, kc2_KCD).masked_fill(~vis2_LC, float("-inf"))
-                # Before the first coarse kernel completes, the exact normaliser (as the reference).
-                lse = torch.where(vis2_LC.any(-1), torch.logsumexp(logits2, dim=-1), lse_exact)
-            else:
-                lse = lse_exact
-        else:
-            lse = lse_exact
+        lse = torch.logsumexp(logits, dim=-1)
+        kc2_KCD = compress_keys(k_THD, 4 * l, 4 * s) if lse_approx else kc_KCD[:, :0]
+        if kc2_KCD.shape[1] > 0:
+            vis2_LC = kernel_visibility(t_L, kc2_KCD.shape[1], 4 * l, 4 * s)
+            logits2 = torch.einsum("kgld,kcd->kglc", q_KGLD, kc2_KCD).masked_fill(~vis2_LC, float("-inf"))
+            # Before the first coarse kernel completes, the exact normaliser (as the reference).
+            lse = torch.where(vis2_LC.any(-1), torch.logsumexp(logits2, dim=-1), lse)
         p = torch.where(vis_LC, torch.exp(logits - lse[..., None]), 0.0)
         score_KLC = p.sum(dim=1).masked_fill(~vis_LC, float("-inf"))
         score_KLC = torch.cat([score_KLC, score_KLC.new_full((h_kv, n_q, 1), float("-inf"))], dim=-1)
         table_BW = block_kernel_table(n_blocks, nc, cfg, k_THD.device)
         scores_KLB = score_KLC[..., table_BW].amax(dim=-1)
 
-    c_L = t_L // cfg.block_size
-    b_B = torch.arange(n_blocks, device=k_THD.device)
-    future = b_B[None, :] > c_L[:, None]
-    local = (b_B[None, :] >= c_L[:, None] - cfg.n_local) & ~future
-    forced = ((b_B[None, :] < cfg.init_blocks) & ~future) | local
-    key = scores_KLB.masked_fill(scores_KLB == float("-inf"), -1.0)
-    key = key.masked_fill(forced, float("inf")).masked_fill(future, float("-inf"))
-    k_top = min(cfg.k_eff, n_blocks)
-    top = key.topk(k_top, dim=-1, sorted=True).indices
-    keep = torch.arange(k_top, device=k_THD.device)[None, :] < torch.clamp(c_L + 1, max=cfg.k_eff)[:, None]
-    top = torch.where(keep, top, n_blocks).sort(dim=-1).values
-    return torch.where(top == n_blocks, -1, top)
+    return select_from_scores(scores_KLB, t_L, cfg)
 
 
 def infllm_v2_attn_tail_batched(q, k, v, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1,
@@ -107,10 +93,5 @@ def infllm_v2_attn_tail_batched(q, k, v, *, block_size=64, kernel_size=32, kerne
     head = torch.arange(h_kv, device=q.device)[:, None, None]
     k_KLUD, v_KLUD = k_c[u, head], v_c[u, head]
     logits = torch.einsum("kgld,klud->kglu", scale * q_KGLD, k_KLUD).masked_fill(~ok[:, None], float("-inf"))
-    row_max = logits.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    w = torch.exp(logits - row_max)
-    denom = w.sum(dim=-1, keepdim=True)
-    probs = w / torch.where(denom > 0, denom, 1.0)
-    out = torch.einsum("kglu,klud->lkgd", probs, v_KLUD)
+    out = torch.einsum("kglu,klud->lkgd", masked_softmax(logits), v_KLUD)
     return out.reshape(n_q, h_q, d).to(q.dtype)
