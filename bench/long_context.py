@@ -4,12 +4,15 @@ InfLLM-V2, with the memory options (infllm/memory.py) on and off; and the fused-
     python bench/long_context.py --loss --out loss.json                 # loss implementations, 32k / 128k
     python bench/long_context.py --case 8b8l:infllm_v2:128k:all:12 --case 8b8l:dense:128k:all:12 --out t.json
     python bench/long_context.py --probe 8b8l:infllm_v2:all:128k-1m --out probe.json    # up until OOM
+    python bench/long_context.py --case 1b:infllm_v2:128k:fused:16:none --out t.json   # 6th field: checkpoint_keep
     python bench/long_context.py --smoke                                # tiny model on CPU: the bench runs
 
 Models (random weights, `model=smollm2_random` with `model.arch` overrides, fp32 master weights, bf16 autocast,
 gradient checkpointing, AdamW): `8b8l` Llama-3-8B cut to 8 layers (hidden 4096, 32 q / 8 kv heads, d 128, MLP
 14336) with the SmolLM2 tokenizer's 49,152 vocab; `1b` Llama-3.2-1B's shape (16 layers, hidden 2048, 32 q / 8 kv,
 d 64, MLP 8192, vocab 128,256). Both tie lm_head to the embedding, as the issue's measurement and Llama-3.2-1B.
+A case's optional 6th field is trainer.checkpoint_keep (none | selection | attention; left out: the trainer's
+default), what the checkpointed layers keep from the forward instead of recomputing it.
 
 Rows: one document per row (`--doc-len` for shorter ones). The stdlib corpus has few documents over 64k tokens,
 so the documents are joined: a row is a window of the corpus' token stream (its documents one after another,
@@ -179,6 +182,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         module.train()
         head = module.get_output_embeddings()
         row["fused_impl"] = getattr(head, "loss_impl", None) if isinstance(head, FusedLossLMHead) else None
+        row["checkpoint_keep"] = cfg.trainer.checkpoint_keep
         row["build_s"] = round(time.perf_counter() - t_start, 1)
         if cuda:
             row["static_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -370,7 +374,7 @@ def main(argv=None) -> None:
     p.add_argument("--fused-impl", default=None, help="the fused loss's implementation on CUDA (default: "
                    "infllm.loss.CUDA_IMPL); a case that fails with it is run again with the chunked loss")
     p.add_argument("--case", action="append", default=[],
-                   help="model:attention:seq_len:options:steps, e.g. 8b8l:infllm_v2:128k:all:12")
+                   help="model:attention:seq_len:options:steps[:checkpoint_keep], e.g. 8b8l:infllm_v2:128k:all:12")
     p.add_argument("--probe", action="append", default=[],
                    help="model:attention:options:from-to: doubling lengths, 2 steps each, until the first OOM")
     p.add_argument("--probe-steps", type=int, default=2)
@@ -404,24 +408,24 @@ def main(argv=None) -> None:
     if args.fused_impl:
         infllm.loss.CUDA_IMPL = args.fused_impl
 
-    def case(spec, *a):
-        row = run_case(*a)
+    def case(spec, *a, **kw):
+        row = run_case(*a, **kw)
         if row["status"] == "error" and row["loss"] == "fused" and infllm.loss.CUDA_IMPL != "chunked":
             results.add("cases", dict(spec=spec, **row))
             infllm.loss.CUDA_IMPL = "chunked"
-            row = run_case(*a)
+            row = run_case(*a, **kw)
         results.add("cases", dict(spec=spec, **row))
         return row
 
     for spec in args.case:
-        model, attention, seq, options, steps = spec.split(":")
+        model, attention, seq, options, steps, *keep = spec.split(":")
         seq_len = parse_len(seq)
         if left() <= 0:
             results.add("cases", dict(spec=spec, status="skipped (budget)"))
             continue
         doc_len = parse_len(args.doc_len) or seq_len
         case(spec, model, attention, seq_len, options, int(steps), args.warmup, doc_len, args.tokens_file,
-             min(args.case_s, left()))
+             min(args.case_s, left()), extra=[f"trainer.checkpoint_keep={k}" for k in keep])
     for spec in args.probe:
         model, attention, options, span = spec.split(":")
         lo, hi = (parse_len(s) for s in span.split("-"))

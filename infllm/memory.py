@@ -10,6 +10,13 @@
   checkpointing: each layer's input, kept to recompute the layer) are copied to pinned host memory in the
   forward and back in the backward. Host memory for device memory: the residual stream of every layer
   (T x hidden in fp32) leaves the GPU.
+- trainer.checkpoint_keep (with trainer.gradient_checkpointing; `enable_gradient_checkpointing`): what a
+  checkpointed layer keeps from its forward, so that the backward's recompute skips it (torch's selective
+  activation checkpointing, by operator): `selection` InfLLM-V2's block selection (the `infllm::infllm_v2_select`
+  op: int32 [H_kv, T, k_eff] a layer, no gradient, the same ids either way), `attention` also the attention
+  forward's outputs (our kernels' op, SDPA's, torch's varlen and flash-attn's ops: [T, H_q, d] + the
+  log-sum-exp a layer), `none` recomputes everything. What is kept stays on the GPU (activation offload moves
+  only the layer inputs).
 
 Each option changes where or when things are computed, never what: loss and gradients equal the option off
 (tests/test_memory.py).
@@ -30,6 +37,53 @@ log = logging.getLogger(__name__)
 
 # Saved tensors smaller than this stay where they are (positions, masks, norms' statistics): not worth a copy.
 OFFLOAD_MIN_BYTES = 1 << 20
+
+
+# Operators (schema names) whose outputs trainer.checkpoint_keep keeps. The attention forwards are those the dense
+# and sparse paths reach: ours (the Triton kernels' op, also the dense mode), SDPA's CUDA and CPU kernels, torch's
+# varlen attention, flash-attn's ops. A name missing from a torch build simply never matches.
+_SELECTION_OPS = ("infllm::infllm_v2_select",)
+_ATTENTION_OPS = _SELECTION_OPS + (
+    "infllm::block_sparse_attn_fwd",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_flash_attention_forward", "aten::_efficient_attention_forward", "aten::_cudnn_attention_forward",
+    "torch_attn::_varlen_attn", "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
+)
+KEPT_OPS = {"none": (), "selection": _SELECTION_OPS, "attention": _ATTENTION_OPS}
+
+
+def checkpoint_context_fn(keep: str):
+    """The `context_fn` of torch.utils.checkpoint (non-reentrant) that keeps the outputs of the operators of
+    `keep` (KEPT_OPS) from the forward and recomputes the rest; None for `none` (plain checkpointing)."""
+    if keep not in KEPT_OPS:
+        raise ValueError(f"trainer.checkpoint_keep: expected one of {sorted(KEPT_OPS)}, got {keep!r}")
+    names = frozenset(KEPT_OPS[keep])
+    if not names:
+        return None
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        schema = getattr(op, "_schema", None)
+        return CheckpointPolicy.MUST_SAVE if schema is not None and schema.name in names \
+            else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
+def enable_gradient_checkpointing(model: nn.Module, trainer_cfg) -> None:
+    """Non-reentrant gradient checkpointing of every decoder layer, keeping what trainer.checkpoint_keep names."""
+    kwargs = {"use_reentrant": False}
+    context_fn = checkpoint_context_fn(trainer_cfg.checkpoint_keep)
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def recomputed_selections(trainer_cfg) -> int:
+    """How many times a training step runs each layer's block selection: twice under gradient checkpointing
+    that keeps nothing (forward and recompute), else once."""
+    return 2 if trainer_cfg.gradient_checkpointing and trainer_cfg.checkpoint_keep == "none" else 1
 
 
 def decoder_layers(model: nn.Module):

@@ -24,6 +24,7 @@ from infllm.attention import configure_sparse_stats, expected_density, get_spars
 from infllm.config import Config
 from infllm.engine import Engine
 from infllm.errors import ConfigError
+from infllm.memory import apply_memory_options, enable_gradient_checkpointing, recomputed_selections
 from infllm.metrics import (MetricsLogger, causal_pairs, device_peak_tflops, format_eval_table, format_step_line,
                             train_flops)
 from infllm.parallel.sequence import shard_batch, target_count
@@ -114,9 +115,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         model, tokenizer = load_model(cfg.model, attn, zero_init=setup.zero_init if setup is not None else None)
         if cfg.trainer.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from infllm.memory import apply_memory_options
-
+            enable_gradient_checkpointing(model, cfg.trainer)
         apply_memory_options(model, cfg.trainer)
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
@@ -415,9 +414,9 @@ class Trainer:
             m.update({f"sparse/{k}": v for k, v in stats.items()})
             if stats.get("select_ms") is not None:
                 # Timed at the first layer over the whole window; every layer selects the same way, and again
-                # in the backward's recompute under gradient checkpointing.
+                # in the backward's recompute under gradient checkpointing unless trainer.checkpoint_keep keeps it.
                 layers = getattr(model.config, "num_hidden_layers", 1)
-                runs = 2 if getattr(model, "is_gradient_checkpointing", False) else 1
+                runs = recomputed_selections(self.cfg.trainer)
                 m["sparse/select_step_share"] = stats["select_ms"] * layers * runs / (dt * 1e3)
         mix = getattr(self.loader, "mix_stats", None)
         if callable(mix):

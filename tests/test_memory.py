@@ -150,3 +150,85 @@ def test_zero3_two_ranks_with_every_option_match_one_plain_process(tmp_path):
     torch.testing.assert_close(torch.tensor(metrics(run)), torch.tensor(metrics(ref)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(metrics(run, "grad_norm")), torch.tensor(metrics(ref, "grad_norm")),
                                rtol=1e-3, atol=0)
+
+
+# -- trainer.checkpoint_keep ------------------------------------------------------------------------------------
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators that really run: outside the checkpoint's own mode, an op whose output selective
+    checkpointing kept is not run again in the recompute, so it is not seen twice."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.counts = dict.fromkeys(names, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.counts:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _checkpointed_step(model, keep, batch, counted):
+    from infllm.memory import enable_gradient_checkpointing
+
+    model.train()
+    enable_gradient_checkpointing(model, SimpleNamespace(checkpoint_keep=keep))
+    model.zero_grad(set_to_none=True)
+    with _OpCounter(counted) as counter:
+        loss = model(**batch).loss
+        loss.backward()
+    return (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}), counter.counts
+
+
+SELECT, SPARSE_FWD, CPU_SDPA = ("infllm::infllm_v2_select", "infllm::block_sparse_attn_fwd",
+                                "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def test_checkpoint_keep_skips_the_kept_ops_in_the_recompute_with_equal_gradients():
+    # InfLLM-V2 through the Triton ops (the interpreter on the CPU), one layer, a 180-token document: sparse
+    # (k_eff = 96 keys). With keep=none the layer runs selection and forward twice (forward, recompute); with
+    # selection kept the selection once; with attention kept both once. Same ids and outputs, so the same loss
+    # and gradients, bit for bit.
+    from tests.conftest import DEVICE
+    from tests.model.test_attention_swap import make_model, sparse_cfg, tokens
+
+    from infllm.attention import apply_attention
+
+    base = apply_attention(make_model(num_hidden_layers=1), sparse_cfg(impl="triton")).to(DEVICE)
+    ids = tokens(1, 180).to(DEVICE)
+    runs = {keep: _checkpointed_step(copy.deepcopy(base), keep, dict(input_ids=ids, labels=ids),
+                                     (SELECT, SPARSE_FWD))
+            for keep in ("none", "selection", "attention")}
+    assert runs["none"][1] == {SELECT: 2, SPARSE_FWD: 2}
+    assert runs["selection"][1] == {SELECT: 1, SPARSE_FWD: 2}
+    assert runs["attention"][1] == {SELECT: 1, SPARSE_FWD: 1}
+    for keep in ("selection", "attention"):
+        _assert_equal_runs(runs[keep][0], runs["none"][0], rtol=0, atol=0)
+
+
+def test_checkpoint_keep_attention_keeps_sdpa_in_the_dense_path():
+    # The dense path on the CPU (attention=dense): SDPA one document at a time, the CPU flash kernel; a packed row
+    # of two documents, 2 layers: 2 documents x 2 layers SDPA calls in the forward, as many again in the
+    # recompute unless kept.
+    from tests.model.test_attention_swap import make_model, packed_kwargs, tokens
+
+    from infllm.attention import apply_attention
+    from infllm.config import AttentionConfig
+
+    base = apply_attention(make_model(), AttentionConfig(name="dense"))
+    kw = packed_kwargs([tokens(1, 70), tokens(1, 45)])
+    kw["labels"] = kw["input_ids"]
+    runs = {keep: _checkpointed_step(copy.deepcopy(base), keep, kw, (CPU_SDPA,)) for keep in ("none", "attention")}
+    assert runs["none"][1] == {CPU_SDPA: 8} and runs["attention"][1] == {CPU_SDPA: 4}
+    _assert_equal_runs(runs["attention"][0], runs["none"][0], rtol=0, atol=0)
+
+
+def test_checkpoint_keep_rejects_unknown_values():
+    from infllm.config import ConfigError, TrainerConfig
+    from infllm.memory import checkpoint_context_fn
+
+    with pytest.raises(ConfigError, match="trainer.checkpoint_keep"):
+        TrainerConfig(checkpoint_keep="everything")
+    with pytest.raises(ValueError, match="trainer.checkpoint_keep"):
+        checkpoint_context_fn("everything")
+    assert checkpoint_context_fn("none") is None
