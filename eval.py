@@ -64,12 +64,12 @@ def build_model(cfg: Config):
         # A checkpoint trained with InfLLM-V2 brings its own sparse_config; a plain one gets cfg.attention,
         # so "sparse" mode can still be tried on it.
         return load_model(model_cfg, None if saved_sparse else cfg.attention)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model as st_load_model
 
     model, tokenizer = load_model(cfg.model, cfg.attention)
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
-    # Tied embeddings are saved once; anything else missing means the checkpoint is of another model.
-    missing = [k for k in missing if "lm_head" not in k]
+    # The trainer wrote it with safetensors' save_model, which stores tied weights (embeddings = lm_head) once under
+    # one of their names; load_model is its counterpart and counts a tied name as present.
+    missing, unexpected = st_load_model(model, os.path.join(path, "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ConfigError(f"eval.checkpoint: {path} does not match cfg.model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); pass the model config the run was trained with")

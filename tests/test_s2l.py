@@ -139,3 +139,39 @@ def test_retention_matches_cells_and_writes_plot(tmp_path):
     assert rows[50]["retention"]["teacher_forced"] == pytest.approx(0.5)
     assert rows[0]["retention"]["all"] == pytest.approx(1.0)  # the base model is both arms' step 0
     assert os.path.getsize(os.path.join(root, "retention.png")) > 1000
+
+
+def test_knobs_end_to_end_tiny(tmp_path):
+    """launch/s2l_knobs.py on a tiny trained checkpoint: two knobs evaluated in sparse mode with the probe, the
+    table from their reports, the overrides reaching the model; a second call runs nothing again."""
+    import s2l_knobs
+
+    root = tmp_path / "s2l"
+    geometry = ["attention.block_size=32", "attention.kernel_size=16", "attention.kernel_stride=8",
+                "attention.window_size=64", "attention.dense_len=256", "attention.topk=4"]
+    train = subprocess.run([sys.executable, "train.py", "experiment=s2l_prose_sparse", "model=tiny_llama",
+                            "data=tiny", "trainer.seq_len=1024", "trainer.max_steps=1", "trainer.grad_accum_steps=1",
+                            "trainer.progress_bar=false", "eval.every_steps=0", "checkpoint.every_steps=1",
+                            f"hydra.run.dir={root}/sparse", *geometry], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    env = dict(os.environ, EVAL_ARGS=" ".join(["model=tiny_llama", "data=tiny", "eval.lengths=[768]",
+                                               "eval.tasks=[niah_single]", "eval.depths=[0.5]", "eval.samples=1",
+                                               "eval.plots=false", *geometry]))
+    cmd = [sys.executable, os.path.join(REPO, "launch", "s2l_knobs.py"), str(root), "--knobs", "base,topk12"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    knob_dir = root / "knobs" / "sparse_step1"
+    summary = json.load(open(knob_dir / "knobs.json"))["knobs"]
+    assert set(summary) == {"base", "topk12"}
+    for knob in summary.values():
+        assert 0 <= knob["acc_768"] <= 1 and 0 <= knob["needle_block_recall"] <= 1
+    # The override reached the model: the probe saw 8 more free selection slots (topk 12 instead of 4).
+    slots = {k: json.load(open(knob_dir / k / "eval_results.json"))["records"][0]["selection_probe"]["free_slots"]
+             for k in summary}
+    assert slots["topk12"] == slots["base"] + 8
+    assert "| topk12 | attention.topk=12 |" in open(knob_dir / "knobs.md").read()
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == 2
+    with pytest.raises(SystemExit):
+        s2l_knobs.main([str(root), "--knobs", "nope"])
