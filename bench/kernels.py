@@ -357,6 +357,7 @@ def run_case(name, cfg, args, results):
 SWEEP = {
     "default": {},
     "pointer-kv": {"kv_tma": False},
+    "dq-in-dkdv": {"dq_atomic": True},
 }
 # Query-tile packing (attention.TUNING["pack_cost"]): every tile narrow (16 rows: one token of G = 16 heads, or
 # 16 // G tokens over their union), every tile wide (64 rows over the union of 4 x G = 16 or 16 x G = 4 tokens),

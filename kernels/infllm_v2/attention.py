@@ -29,7 +29,9 @@ Layout of the work
   index (a stable sort of the selections by (head, block), built on the GPU with static sizes), so no program
   scans queries that did not pick its block, and no atomics are needed. Lists longer than TUNING["dkdv_chunk"]
   (attention sinks: block 0 is picked by every token) are split: extra chunks write fp32 partials that the
-  block's own program adds before its single store.
+  block's own program adds before its single store. With TUNING["dq_atomic"] the same programs also add each
+  block's share of dQ atomically into an fp32 buffer, and the dQ launch (a second walk over every query tile's
+  blocks) is skipped; delta then comes from a small kernel of its own. Off by default until measured.
 - Dense documents run a second launch of the same kernels in dense mode (every causal block, larger tiles);
   each launch skips the documents of the other mode after one load. Documents no longer than `dense_min` stay
   on the sparse launch (InfLLM-V2 passes k_eff * B: their selection lists every block, so sparse = dense), and
@@ -76,6 +78,11 @@ TUNING = {
     "dkdv_chunk": 16384,        # queries of one key block handled by one dK/dV program
     "dense_block": 64,          # key block of `dense_attn_triton` (no selection to match)
     "kv_tma": True,             # K/V blocks of the forward / dQ walks through TMA descriptors
+    # dQ inside the dK/dV kernel (each block's share added atomically into an fp32 buffer) instead of a dQ launch
+    # that walks the query tiles' blocks again: one pass over every (query, block) pair fewer, at the price of
+    # fp32 atomics and a dQ whose summation order varies from run to run. Off until measured on a GPU
+    # (bench/kernels.py --sweep times it).
+    "dq_atomic": False,
     # (num_warps, num_stages) per kernel kind and head dim; nothing spills (ptxas report, sm_90).
     "fwd": {64: (4, 2), 128: (4, 2)},
     "dq": {64: (4, 2), 128: (4, 2)},
@@ -317,14 +324,30 @@ def _dq_kernel(
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, stride_on, stride_oh, stride_don, stride_doh, n_tokens,
+                  BLOCK_T: tl.constexpr, D: tl.constexpr):
+    # delta[h, t] = rowsum(dO * O) in fp32 for the fused-dQ backward (the dQ kernel computes it otherwise).
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    ok = t < n_tokens
+    t64 = t.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + t64[:, None] * stride_on + h * stride_oh + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_don + h * stride_doh + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + h.to(tl.int64) * n_tokens + t64, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=ok)
+
+
+@triton.jit
 def _dkdv_steps(
-    Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, n_q, q_base,
-    stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
+    Q, DO, LSE, DELTA, QTOK, DQ_ACC, k, v, k_tok, k_ok, g, lo, n_q, q_base,
+    stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, n_tokens, qk_scale, sm_scale,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    DENSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     # dK, dV of one key block [BLOCK_N, D] (fp32, dK not yet scaled) over n_q query tokens, TOK at a time:
-    # QTOK[lo : lo + n_q] (sparse) or q_base, q_base + 1, ... (dense).
+    # QTOK[lo : lo + n_q] (sparse) or q_base, q_base + 1, ... (dense). FUSE_DQ: also this block's share of dQ,
+    # scaled, added atomically into DQ_ACC (fp32 [N, H_q, D], contiguous): each (query, block) pair is visited
+    # once here, so the sum over the blocks a query attends is its dQ, and no dQ launch has to walk them again.
     offs_d = tl.arange(0, D)
     rows = tl.arange(0, BLOCK_M)
     r_tok = rows // G
@@ -354,19 +377,23 @@ def _dkdv_steps(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)               # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)  # [BLOCK_N, D]
+        if FUSE_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, D]
+            tl.atomic_add(DQ_ACC + q_tok64[:, None] * stride_dqn + head_q[:, None] * D + offs_d[None, :], dq,
+                          mask=ok[:, None])
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
     CU, BLK_DOC, BLK_START, OFFSETS, QTOK,
     EX_KEY, EX_LO, EX_FIRST, DK_PART, DV_PART,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, stride_dqn,
     n_blk_tiles, n_tokens, qk_scale, sm_scale, dense_len, dense_min, chunk,
     G: tl.constexpr, TOK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    PHASE: tl.constexpr, DOT_PREC: tl.constexpr,
+    PHASE: tl.constexpr, DOT_PREC: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     # PHASE 0: a key block of a dense document over every later token of the document.
     # PHASE 1: a key block of a sparse document over the first `chunk` queries of its inverted-index list, plus
@@ -410,15 +437,15 @@ def _dkdv_kernel(
     part_off = offs_n[:, None] * D + offs_d[None, :]            # [BLOCK_N, D] in a partial tile
 
     if PHASE == 0:
-        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, 0, doc_end - blk_tok0, blk_tok0,
-                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
-                             G, TOK, BLOCK_M, BLOCK_N, D, True, DOT_PREC)
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, DQ_ACC, k, v, k_tok, k_ok, g, 0, doc_end - blk_tok0,
+                             blk_tok0, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, n_tokens, qk_scale,
+                             sm_scale, G, TOK, BLOCK_M, BLOCK_N, D, True, DOT_PREC, FUSE_DQ)
     elif PHASE == 1:
         lo = tl.load(OFFSETS + key)
         hi = tl.load(OFFSETS + key + 1)
-        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk), 0,
-                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
-                             G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC)
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, DQ_ACC, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk),
+                             0, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, n_tokens, qk_scale,
+                             sm_scale, G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC, FUSE_DQ)
         first = tl.load(EX_FIRST + key)
         n_extra = tl.maximum(tl.cdiv(hi - lo, chunk) - 1, 0)
         for e in range(first, first + n_extra):
@@ -427,9 +454,9 @@ def _dkdv_kernel(
     else:
         lo = tl.load(EX_LO + pid)
         hi = tl.load(OFFSETS + key + 1)
-        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk), 0,
-                             stride_qn, stride_qh, stride_don, stride_doh, n_tokens, qk_scale,
-                             G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC)
+        dk, dv = _dkdv_steps(Q, DO, LSE, DELTA, QTOK, DQ_ACC, k, v, k_tok, k_ok, g, lo, tl.minimum(hi - lo, chunk),
+                             0, stride_qn, stride_qh, stride_don, stride_doh, stride_dqn, n_tokens, qk_scale,
+                             sm_scale, G, TOK, BLOCK_M, BLOCK_N, D, False, DOT_PREC, FUSE_DQ)
         tl.store(DK_PART + pid * (BLOCK_N * D) + part_off, dk)
         tl.store(DV_PART + pid * (BLOCK_N * D) + part_off, dv)
         return
@@ -770,8 +797,16 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     do = do.contiguous()
     prec = _dot_precision(q.dtype)
     delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
-    for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in _query_walks(
-            block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
+    fuse_dq = TUNING["dq_atomic"]
+    if fuse_dq:
+        # dQ accumulated by the dK/dV kernel (atomic adds of each block's share): no query-tile walk at all.
+        dq_acc = torch.zeros((n_tokens, h_q, d), dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(n_tokens, 64), h_q)](out, do, delta, out.stride(0), out.stride(1), do.stride(0),
+                                                        do.stride(1), n_tokens, BLOCK_T=64, D=d)
+    else:
+        dq_acc = delta  # never read (FUSE_DQ off)
+    for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in (() if fuse_dq else _query_walks(
+            block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min)):
         n_tiles = tile_doc.numel()
         _dq_kernel[(n_tiles, h_kv)](
             q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start,
@@ -804,14 +839,16 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
             phases.append((0, (n_blk_tiles, h_kv)))
     for phase, grid in phases:
         _dkdv_kernel[grid](
-            q, k, v, do, dk, dv, lse, delta, cu_seqlens, blk_doc, blk_start, offsets, qtok,
+            q, k, v, do, dk, dv, lse, delta, dq_acc, cu_seqlens, blk_doc, blk_start, offsets, qtok,
             ex_key, ex_lo, ex_first, dk_part, dv_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h_q * d,
             n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len, dense_min, chunk,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, PHASE=phase, DOT_PREC=prec,
-            **_launch_opts("dkdv", d),
+            FUSE_DQ=fuse_dq, **_launch_opts("dkdv", d),
         )
+    if fuse_dq:
+        dq = dq_acc.to(q.dtype)
     return dq, dk, dv
 
 

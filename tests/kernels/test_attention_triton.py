@@ -135,6 +135,27 @@ def test_long_lists_split_across_programs(group, nan_poison, monkeypatch):
     _run_case(([90, 33], 4 * group, 4, 64, 16, 3, -1), torch.float32, seed=1)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=_case_id)
+def test_dq_inside_dkdv_matches_oracle(case, nan_poison, monkeypatch):
+    """TUNING dq_atomic: dQ accumulated by the dK/dV kernel (sparse and dense documents) instead of its own launch."""
+    monkeypatch.setitem(attn.TUNING, "dq_atomic", True)
+    _run_case(case, torch.float32, seed=2)
+
+
+def test_dq_inside_dkdv_with_split_lists(nan_poison, monkeypatch):
+    """The fused dQ from the extra chunks of long inverted-index lists too (PHASE 2 programs)."""
+    monkeypatch.setitem(attn.TUNING, "dq_atomic", True)
+    monkeypatch.setitem(attn.TUNING, "dkdv_chunk", 5)
+    _run_case(([90, 33], 16, 4, 64, 16, 3, -1), torch.float32, seed=3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case,dtype", _params(CASES[1:] + CUDA_CASES, [torch.bfloat16]))
+def test_dq_inside_dkdv_matches_oracle_cuda(case, dtype, nan_poison, monkeypatch):
+    monkeypatch.setitem(attn.TUNING, "dq_atomic", True)
+    _run_case(case, dtype)
+
+
 def test_on_selection_from_reference(nan_poison):
     """Block ids produced by the reference selection (init + local + top-k), G = 4, several documents."""
     lens, h_q, h_kv, d, block_size = [130, 50, 3], 8, 2, 64, 16
