@@ -71,8 +71,8 @@ def build_model(cfg: Config):
     # one of their names; load_model is its counterpart and counts a tied name as present.
     missing, unexpected = st_load_model(model, os.path.join(path, "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise ConfigError(f"eval.checkpoint: {path} does not match cfg.model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); pass the model config the run was trained with")
+        raise ConfigError(f"eval.checkpoint: {path} does not match cfg.model (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); pass the model config the run was trained with")
     return model, tokenizer
 
 

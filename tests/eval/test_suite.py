@@ -95,3 +95,31 @@ def test_eval_py_on_a_checkpoint(tokenizer, tiny_llama, tmp_path):
     assert "| passkey | dense |" in proc.stdout
     assert _is_png(out / report.LOSS_PNG)
     assert json.loads((out / report.RESULTS_JSON).read_text())["records"][0]["task"] == "passkey"
+
+
+def test_eval_loads_trainer_checkpoints_of_tied_models_and_refuses_others(tmp_path):
+    """eval.checkpoint=<trainer checkpoint>: the weights as the trainer wrote them (safetensors' save_model stores
+    the tied embedding / lm_head once) load into the configured model; a file missing a tensor is a clear error."""
+    import importlib.util
+
+    from safetensors.torch import save_file, save_model
+
+    from infllm.config import ConfigError
+    from tests.helpers import compose_config
+
+    spec = importlib.util.spec_from_file_location("eval_entry", os.path.join(ROOT, "eval.py"))
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    cfg = compose_config(["model=tiny_llama", "attention=dense", f"eval.checkpoint={tmp_path / 'ok'}"])
+    torch.manual_seed(1)
+    trained, _ = entry.build_model(compose_config(["model=tiny_llama", "attention=dense"]))
+    os.makedirs(tmp_path / "ok")
+    save_model(trained, str(tmp_path / "ok" / "model.safetensors"))
+    loaded, _ = entry.build_model(cfg)
+    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    os.makedirs(tmp_path / "bad")
+    state = {k: v.contiguous() for k, v in trained.state_dict().items() if "layers.1.mlp" not in k and "lm_head" not in k}
+    save_file(state, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="does not match cfg.model .*layers.1.mlp"):
+        entry.build_model(compose_config(["model=tiny_llama", "attention=dense", f"eval.checkpoint={tmp_path / 'bad'}"]))
