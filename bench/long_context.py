@@ -11,7 +11,7 @@ Models (random weights, `model=smollm2_random` with `model.arch` overrides, fp32
 gradient checkpointing, AdamW): `8b8l` Llama-3-8B cut to 8 layers (hidden 4096, 32 q / 8 kv heads, d 128, MLP
 14336) with the SmolLM2 tokenizer's 49,152 vocab; `1b` Llama-3.2-1B's shape (16 layers, hidden 2048, 32 q / 8 kv,
 d 64, MLP 8192, vocab 128,256). Both tie lm_head to the embedding, as the issue's measurement and Llama-3.2-1B.
-A case's optional 6th field is trainer.checkpoint_keep (none | selection | attention; left out: the trainer's
+A case's optional 6th field is trainer.checkpoint_keep (auto | none | selection | attention; left out: the trainer's
 default), what the checkpointed layers keep from the forward instead of recomputing it.
 
 Rows: one document per row (`--doc-len` for shorter ones). The stdlib corpus has few documents over 64k tokens,
@@ -148,7 +148,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
              tokens_file: Optional[str], time_left_s: float, extra: List[str] = ()) -> Dict:
     import data
     from infllm.loss import FusedLossLMHead
-    from infllm.memory import apply_memory_options
+    from infllm.memory import apply_memory_options, resolve_checkpoint_keep
     from infllm.trainer import Trainer
 
     row = dict(model=model, attention=attention, seq_len=seq_len, options=options, doc_len=min(doc_len, seq_len),
@@ -182,7 +182,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         module.train()
         head = module.get_output_embeddings()
         row["fused_impl"] = getattr(head, "loss_impl", None) if isinstance(head, FusedLossLMHead) else None
-        row["checkpoint_keep"] = cfg.trainer.checkpoint_keep
+        row["checkpoint_keep"] = resolve_checkpoint_keep(cfg.trainer)
         row["build_s"] = round(time.perf_counter() - t_start, 1)
         if cuda:
             row["static_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)

@@ -228,14 +228,15 @@ class TrainerConfig:
     activation_offload: bool = False
     # Gradient checkpointing: what a layer keeps from its forward instead of recomputing it in the backward
     # (infllm/memory.py): none | selection (InfLLM-V2's block ids, no gradient) | attention (the attention
-    # outputs too: the backward's recompute runs no attention forward).
-    checkpoint_keep: str = "selection"
+    # outputs too: the backward's recompute runs no attention forward) | auto (selection, or none with
+    # activation_offload, which says device memory is what is short).
+    checkpoint_keep: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.loss in ("auto", "plain", "fused"), "trainer.loss",
                f"expected auto, plain or fused, got {self.loss!r}")
-        _check(self.checkpoint_keep in ("none", "selection", "attention"), "trainer.checkpoint_keep",
-               f"expected none, selection or attention, got {self.checkpoint_keep!r}")
+        _check(self.checkpoint_keep in ("auto", "none", "selection", "attention"), "trainer.checkpoint_keep",
+               f"expected auto, none, selection or attention, got {self.checkpoint_keep!r}")
         _check(self.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens",
                f"must be >= 0 (0 = auto), got {self.loss_chunk_tokens}")
         for name in ("max_steps", "seq_len", "micro_batch_size", "grad_accum_steps", "log_every"):

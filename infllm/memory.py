@@ -15,8 +15,9 @@
   activation checkpointing, by operator): `selection` InfLLM-V2's block selection (the `infllm::infllm_v2_select`
   op: int32 [H_kv, T, k_eff] a layer, no gradient, the same ids either way), `attention` also the attention
   forward's outputs (our kernels' op, SDPA's, torch's varlen and flash-attn's ops: [T, H_q, d] + the
-  log-sum-exp a layer), `none` recomputes everything. What is kept stays on the GPU (activation offload moves
-  only the layer inputs).
+  log-sum-exp a layer), `none` recomputes everything, `auto` (the default) is `selection`, or `none` with
+  activation offload: what is kept stays on the GPU (offload moves only the layer inputs), and the selection is
+  int32 [H_kv, T, k_eff] a layer (1.5 GiB at 512k tokens for Llama-3.2-1B's shape), which offload would leave there.
 
 Each option changes where or when things are computed, never what: loss and gradients equal the option off
 (tests/test_memory.py).
@@ -53,6 +54,14 @@ _ATTENTION_OPS = _SELECTION_OPS + (
 KEPT_OPS = {"none": (), "selection": _SELECTION_OPS, "attention": _ATTENTION_OPS}
 
 
+def resolve_checkpoint_keep(trainer_cfg) -> str:
+    """trainer.checkpoint_keep with `auto` resolved: `none` when activation offload is on, else `selection`."""
+    keep = trainer_cfg.checkpoint_keep
+    if keep == "auto":
+        return "none" if getattr(trainer_cfg, "activation_offload", False) else "selection"
+    return keep
+
+
 def checkpoint_context_fn(keep: str):
     """The `context_fn` of torch.utils.checkpoint (non-reentrant) that keeps the outputs of the operators of
     `keep` (KEPT_OPS) from the forward and recomputes the rest; None for `none` (plain checkpointing)."""
@@ -74,7 +83,7 @@ def checkpoint_context_fn(keep: str):
 def enable_gradient_checkpointing(model: nn.Module, trainer_cfg) -> None:
     """Non-reentrant gradient checkpointing of every decoder layer, keeping what trainer.checkpoint_keep names."""
     kwargs = {"use_reentrant": False}
-    context_fn = checkpoint_context_fn(trainer_cfg.checkpoint_keep)
+    context_fn = checkpoint_context_fn(resolve_checkpoint_keep(trainer_cfg))
     if context_fn is not None:
         kwargs["context_fn"] = context_fn
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -83,7 +92,7 @@ def enable_gradient_checkpointing(model: nn.Module, trainer_cfg) -> None:
 def recomputed_selections(trainer_cfg) -> int:
     """How many times a training step runs each layer's block selection: twice under gradient checkpointing
     that keeps nothing (forward and recompute), else once."""
-    return 2 if trainer_cfg.gradient_checkpointing and trainer_cfg.checkpoint_keep == "none" else 1
+    return 2 if trainer_cfg.gradient_checkpointing and resolve_checkpoint_keep(trainer_cfg) == "none" else 1
 
 
 def decoder_layers(model: nn.Module):

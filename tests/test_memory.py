@@ -255,6 +255,20 @@ def test_checkpoint_keep_attention_keeps_sdpa_in_the_dense_path():
     _assert_equal_runs(runs["attention"][0], runs["none"][0], rtol=0, atol=0)
 
 
+def test_checkpoint_keep_auto_keeps_the_selection_unless_memory_is_short():
+    from infllm.memory import recomputed_selections, resolve_checkpoint_keep
+
+    def cfg(**kw):
+        return SimpleNamespace(**{"checkpoint_keep": "auto", "activation_offload": False,
+                                  "gradient_checkpointing": True, **kw})
+
+    assert resolve_checkpoint_keep(cfg()) == "selection" and recomputed_selections(cfg()) == 1
+    assert resolve_checkpoint_keep(cfg(activation_offload=True)) == "none"
+    assert recomputed_selections(cfg(activation_offload=True)) == 2
+    assert resolve_checkpoint_keep(cfg(activation_offload=True, checkpoint_keep="attention")) == "attention"
+    assert recomputed_selections(cfg(gradient_checkpointing=False, checkpoint_keep="none")) == 1
+
+
 def test_checkpoint_keep_rejects_unknown_values():
     from infllm.config import ConfigError, TrainerConfig
     from infllm.memory import checkpoint_context_fn
