@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         knob_dir = knob_dir if ckpt else (found[-1] if found else knob_dir)
     else:
         extra = shlex.split(os.environ.get("EVAL_ARGS", ""))
+        failed: List[str] = []
         os.makedirs(knob_dir, exist_ok=True)
         for knob in knobs:
             out = os.path.abspath(os.path.join(knob_dir, knob))
@@ -154,12 +155,17 @@ def main(argv=None) -> int:
             with open(os.path.join(out, "eval.log"), "w") as log:
                 rc = subprocess.call(cmd, cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT)
             if rc != 0:
+                # One knob that cannot run (a setting the kernels refuse) does not cost the others their turn.
                 print(f"[s2l_knobs] {knob}: eval.py failed (rc {rc}); see {out}/eval.log", flush=True)
-                return rc
+                failed.append(knob)
+                continue
             open(os.path.join(out, ".done"), "w").close()
             print(f"[s2l_knobs] {knob}: {time.time() - t0:.0f} s", flush=True)
     lines = table(knob_dir, knobs)
     print("\n".join(lines))
+    if not args.table and failed:
+        print(f"[s2l_knobs] failed: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

@@ -175,3 +175,16 @@ def test_knobs_end_to_end_tiny(tmp_path):
     assert again.returncode == 0 and again.stdout.count("done already") == 2
     with pytest.raises(SystemExit):
         s2l_knobs.main([str(root), "--knobs", "nope"])
+
+
+def test_knobs_go_on_past_a_failing_knob(tmp_path, capsys):
+    import s2l_knobs
+
+    ckpt = tmp_path / "s2l" / "sparse" / "checkpoints" / "step_00000007"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    rc = s2l_knobs.main([str(tmp_path / "s2l"), "--knobs", "base,topk12", "--python", "/bin/false"])
+    assert rc == 1 and "failed: base, topk12" in capsys.readouterr().out
+    for knob in ("base", "topk12"):
+        d = tmp_path / "s2l" / "knobs" / "sparse_step7" / knob
+        assert (d / "eval.log").is_file() and not (d / ".done").exists()
