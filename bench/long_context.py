@@ -182,7 +182,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
         module.train()
         head = module.get_output_embeddings()
         row["fused_impl"] = getattr(head, "loss_impl", None) if isinstance(head, FusedLossLMHead) else None
-        row["checkpoint_keep"] = resolve_checkpoint_keep(cfg.trainer)
+        row["checkpoint_keep"] = resolve_checkpoint_keep(cfg.trainer, cfg.attention, "cuda" if cuda else "cpu")
         row["build_s"] = round(time.perf_counter() - t_start, 1)
         if cuda:
             row["static_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)

@@ -54,12 +54,21 @@ _ATTENTION_OPS = _SELECTION_OPS + (
 KEPT_OPS = {"none": (), "selection": _SELECTION_OPS, "attention": _ATTENTION_OPS}
 
 
-def resolve_checkpoint_keep(trainer_cfg) -> str:
-    """trainer.checkpoint_keep with `auto` resolved: `none` when activation offload is on, else `selection`."""
+def resolve_checkpoint_keep(trainer_cfg, attn_cfg=None, device_type: Optional[str] = None) -> str:
+    """trainer.checkpoint_keep with `auto` resolved: `selection` where InfLLM-V2's Triton selection runs (given
+    `attn_cfg` and `device_type`: attention.name infllm_v2 with impl triton, or auto on CUDA), `none` elsewhere
+    (nothing to keep: no dispatch mode for nothing) and whenever activation offload is on."""
     keep = trainer_cfg.checkpoint_keep
-    if keep == "auto":
-        return "none" if getattr(trainer_cfg, "activation_offload", False) else "selection"
-    return keep
+    if keep != "auto":
+        return keep
+    if getattr(trainer_cfg, "activation_offload", False):
+        return "none"
+    if attn_cfg is not None:
+        impl = getattr(attn_cfg, "impl", "auto")
+        triton = impl == "triton" or (impl == "auto" and device_type == "cuda")
+        if getattr(attn_cfg, "name", None) != "infllm_v2" or not triton:
+            return "none"
+    return "selection"
 
 
 def checkpoint_context_fn(keep: str):
@@ -80,19 +89,22 @@ def checkpoint_context_fn(keep: str):
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
-def enable_gradient_checkpointing(model: nn.Module, trainer_cfg) -> None:
-    """Non-reentrant gradient checkpointing of every decoder layer, keeping what trainer.checkpoint_keep names."""
+def enable_gradient_checkpointing(model: nn.Module, trainer_cfg, attn_cfg=None, device_type: Optional[str] = None
+                                  ) -> None:
+    """Non-reentrant gradient checkpointing of every decoder layer, keeping what trainer.checkpoint_keep names
+    (`auto` resolved by `resolve_checkpoint_keep`)."""
     kwargs = {"use_reentrant": False}
-    context_fn = checkpoint_context_fn(resolve_checkpoint_keep(trainer_cfg))
+    context_fn = checkpoint_context_fn(resolve_checkpoint_keep(trainer_cfg, attn_cfg, device_type))
     if context_fn is not None:
         kwargs["context_fn"] = context_fn
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def recomputed_selections(trainer_cfg) -> int:
+def recomputed_selections(trainer_cfg, attn_cfg=None, device_type: Optional[str] = None) -> int:
     """How many times a training step runs each layer's block selection: twice under gradient checkpointing
     that keeps nothing (forward and recompute), else once."""
-    return 2 if trainer_cfg.gradient_checkpointing and resolve_checkpoint_keep(trainer_cfg) == "none" else 1
+    keep = resolve_checkpoint_keep(trainer_cfg, attn_cfg, device_type)
+    return 2 if trainer_cfg.gradient_checkpointing and keep == "none" else 1
 
 
 def decoder_layers(model: nn.Module):

@@ -22,7 +22,7 @@ from data.batch import PackedBatch
 from infllm import checkpoint as ckpt
 from infllm.attention import configure_sparse_stats, expected_density, get_sparse_stats, reset_sparse_stats
 from infllm.config import Config
-from infllm.engine import Engine
+from infllm.engine import Engine, resolve_device
 from infllm.errors import ConfigError
 from infllm.memory import apply_memory_options, enable_gradient_checkpointing, recomputed_selections
 from infllm.metrics import (MetricsLogger, causal_pairs, device_peak_tflops, format_eval_table, format_step_line,
@@ -115,7 +115,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         model, tokenizer = load_model(cfg.model, attn, zero_init=setup.zero_init if setup is not None else None)
         if cfg.trainer.gradient_checkpointing:
-            enable_gradient_checkpointing(model, cfg.trainer)
+            enable_gradient_checkpointing(model, cfg.trainer, attn, resolve_device(cfg.trainer.device).type)
         apply_memory_options(model, cfg.trainer)
         model.config.use_cache = False
         warn_if_beyond_native_length(model, cfg.trainer.seq_len, cfg)
@@ -416,7 +416,7 @@ class Trainer:
                 # Timed at the first layer over the whole window; every layer selects the same way, and again
                 # in the backward's recompute under gradient checkpointing unless trainer.checkpoint_keep keeps it.
                 layers = getattr(model.config, "num_hidden_layers", 1)
-                runs = recomputed_selections(self.cfg.trainer)
+                runs = recomputed_selections(self.cfg.trainer, self.cfg.attention, self.engine.device.type)
                 m["sparse/select_step_share"] = stats["select_ms"] * layers * runs / (dt * 1e3)
         mix = getattr(self.loader, "mix_stats", None)
         if callable(mix):

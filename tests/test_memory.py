@@ -267,6 +267,13 @@ def test_checkpoint_keep_auto_keeps_the_selection_unless_memory_is_short():
     assert recomputed_selections(cfg(activation_offload=True)) == 2
     assert resolve_checkpoint_keep(cfg(activation_offload=True, checkpoint_keep="attention")) == "attention"
     assert recomputed_selections(cfg(gradient_checkpointing=False, checkpoint_keep="none")) == 1
+    # Only where the Triton selection (the kept op) runs: infllm_v2 with impl triton, or auto on CUDA.
+    sparse, dense = SimpleNamespace(name="infllm_v2", impl="auto"), SimpleNamespace(name="dense", impl="auto")
+    assert resolve_checkpoint_keep(cfg(), sparse, "cuda") == "selection"
+    assert resolve_checkpoint_keep(cfg(), sparse, "cpu") == "none"
+    assert resolve_checkpoint_keep(cfg(), SimpleNamespace(name="infllm_v2", impl="triton"), "cpu") == "selection"
+    assert resolve_checkpoint_keep(cfg(), dense, "cuda") == "none"
+    assert recomputed_selections(cfg(), sparse, "cpu") == 2
 
 
 def test_checkpoint_keep_rejects_unknown_values():
