@@ -228,8 +228,8 @@ class TrainerConfig:
     activation_offload: bool = False
     # Gradient checkpointing: what a layer keeps from its forward instead of recomputing it in the backward
     # (infllm/memory.py): none | selection (InfLLM-V2's block ids, no gradient) | attention (the attention
-    # outputs too: the backward's recompute runs no attention forward) | auto (selection, or none with
-    # activation_offload, which says device memory is what is short).
+    # outputs too: the backward's recompute runs no attention forward) | auto (selection where the Triton
+    # selection runs; none with activation_offload, which says device memory is what is short).
     checkpoint_keep: str = "auto"
 
     def __post_init__(self) -> None:
