@@ -15,9 +15,10 @@
   activation checkpointing, by operator): `selection` InfLLM-V2's block selection (the `infllm::infllm_v2_select`
   op: int32 [H_kv, T, k_eff] a layer, no gradient, the same ids either way), `attention` also the attention
   forward's outputs (our kernels' op, SDPA's, torch's varlen and flash-attn's ops: [T, H_q, d] + the
-  log-sum-exp a layer), `none` recomputes everything, `auto` (the default) is `selection`, or `none` with
-  activation offload: what is kept stays on the GPU (offload moves only the layer inputs), and the selection is
-  int32 [H_kv, T, k_eff] a layer (1.5 GiB at 512k tokens for Llama-3.2-1B's shape), which offload would leave there.
+  log-sum-exp a layer), `none` recomputes everything, `auto` (the default) is `selection` where the Triton
+  selection runs and `none` elsewhere or with activation offload: what is kept stays on the GPU (offload moves
+  only the layer inputs), and the selection is int32 [H_kv, T, k_eff] a layer (1.5 GiB at 512k tokens for
+  Llama-3.2-1B's shape), which offload would leave there.
 
 Each option changes where or when things are computed, never what: loss and gradients equal the option off
 (tests/test_memory.py).
@@ -65,6 +66,7 @@ def resolve_checkpoint_keep(trainer_cfg, attn_cfg=None, device_type: Optional[st
         return "none"
     if attn_cfg is not None:
         impl = getattr(attn_cfg, "impl", "auto")
+        # The kernels' own dispatch rule (kernels._use_triton), decided from the run's device before any tensor.
         triton = impl == "triton" or (impl == "auto" and device_type == "cuda")
         if getattr(attn_cfg, "name", None) != "infllm_v2" or not triton:
             return "none"

@@ -203,13 +203,10 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def _checkpointed_step(model, keep, batch, counted):
     from infllm.memory import enable_gradient_checkpointing
 
-    model.train()
     enable_gradient_checkpointing(model, SimpleNamespace(checkpoint_keep=keep))
-    model.zero_grad(set_to_none=True)
     with _OpCounter(counted) as counter:
-        loss = model(**batch).loss
-        loss.backward()
-    return (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}), counter.counts
+        run = _loss_and_grads(model, batch)
+    return run, counter.counts
 
 
 SELECT, SPARSE_FWD, CPU_SDPA = ("infllm::infllm_v2_select", "infllm::block_sparse_attn_fwd",

@@ -789,11 +789,10 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
     h_kv = k.shape[1]
     group = h_q // h_kv
     k_slots = block_idx.shape[2]
-    dq = _empty_like(q)
     dk = _empty_like(k)
     dv = _empty_like(v)
     if n_tokens == 0:
-        return dq, dk, dv
+        return _empty_like(q), dk, dv
     do = do.contiguous()
     prec = _dot_precision(q.dtype)
     delta = _empty((h_q, n_tokens), dtype=torch.float32, device=q.device)
@@ -804,21 +803,22 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
         _delta_kernel[(triton.cdiv(n_tokens, 64), h_q)](out, do, delta, out.stride(0), out.stride(1), do.stride(0),
                                                         do.stride(1), n_tokens, BLOCK_T=64, D=d)
     else:
+        dq = _empty_like(q)
         dq_acc = delta  # never read (FUSE_DQ off)
-    for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in (() if fuse_dq else _query_walks(
-            block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min)):
-        n_tiles = tile_doc.numel()
-        _dq_kernel[(n_tiles, h_kv)](
-            q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start,
-            *lists[0], tile_doc if skip is None else skip,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-            *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len, dense_min,
-            G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
-            SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
-            KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None,
-            **_launch_opts({"fwd": "dq", "wide": "dq_wide", "dense": "dense"}[kind], d),
-        )
+        for mode, rows, tok, tile_doc, tile_start, lists, skip, kind in _query_walks(
+                block_idx, cu_seqlens, n_tokens, max_seqlen, block_size, group, dense_len, dense_min):
+            n_tiles = tile_doc.numel()
+            _dq_kernel[(n_tiles, h_kv)](
+                q, k, v, out, do, dq, lse, delta, *_kv_descs(k, v, block_size), cu_seqlens, tile_doc, tile_start,
+                *lists[0], tile_doc if skip is None else skip,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                *lists[1], n_tiles, n_tokens, h_q, scale * _LOG2E, scale, dense_len, dense_min,
+                G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, SLOTS=k_slots,
+                SLOTS_P2=triton.next_power_of_2(max(k_slots, 1)), MODE=mode, DOT_PREC=prec,
+                KV_TMA=TUNING["kv_tma"], HAS_SKIP=skip is not None,
+                **_launch_opts({"fwd": "dq", "wide": "dq_wide", "dense": "dense"}[kind], d),
+            )
 
     blk_doc, blk_start, first_block = _tiles(cu_seqlens, n_tokens, block_size)
     n_blk_tiles = blk_doc.numel()
@@ -842,7 +842,7 @@ def _backward(do, q, k, v, out, lse, block_idx, cu_seqlens, max_seqlen, block_si
             q, k, v, do, dk, dv, lse, delta, dq_acc, cu_seqlens, blk_doc, blk_start, offsets, qtok,
             ex_key, ex_lo, ex_first, dk_part, dv_part,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), h_q * d,
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0),
             n_blk_tiles, n_tokens, scale * _LOG2E, scale, dense_len, dense_min, chunk,
             G=group, TOK=tok, BLOCK_M=rows, BLOCK_N=block_size, D=d, PHASE=phase, DOT_PREC=prec,
             FUSE_DQ=fuse_dq, **_launch_opts("dkdv", d),
