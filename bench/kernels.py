@@ -51,7 +51,7 @@ from kernels.infllm_v2 import attention as attn  # noqa: E402
 from kernels.infllm_v2.select import infllm_v2_select_triton  # noqa: E402
 
 # name -> (H_q, H_kv, d)
-SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64)}
+SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64), "llama1b": (32, 8, 64)}
 # name -> selection config; k_eff = topk + window_size / block_size.
 # "64blk": the public kernels' table ("64 selected blocks"): topk 64 with no window, so k_eff = 64 = the init
 #          block + the current block + 62 chosen by score.
@@ -78,6 +78,8 @@ CASES = dict([
     _case("minicpm4", 32, 8, "64blk", data="smooth"), _case("llama3", 32, 8, "64blk", data="smooth"),
     _case("smollm2", 32, 8, "64blk", data="smooth"),
     _case("smollm2", 32, 8, "64blk", data="real"), _case("smollm2", 32, 8, "96blk", data="real"),
+    # Llama-3.2-1B's attention (G 4, d 64) as bench/long_context.py's `1b` model trains it: one 128k row, 96 blocks.
+    _case("llama1b", 128, 1, "96blk"), _case("llama1b", 128, 1, "96blk", data="smooth"),
 ])
 QUICK = ["minicpm4-32kx8-64blk", "minicpm4-128kx2-64blk", "llama3-32kx8-64blk", "llama3-32kx8-64blk-smooth"]
 # Tiny cases for a CPU smoke run under the Triton interpreter (no timing value, checks the script end to end).
@@ -416,42 +418,108 @@ def sweep(args, results):
 
 
 def sweep_pack(args, results):
-    """Times the sparse attention alone (fwd+bwd) under each SWEEP_PACK variant; TUNING is left unchanged."""
+    """Times the sparse attention alone (fwd+bwd) under each SWEEP_PACK variant; TUNING is left unchanged.
+    With --pick-out: then combines, greedily, the variants that beat the first one ("default") by over 1% on the
+    summed fwd+bwd of the cases, and writes the fastest combination as bench/long_context.py --tuning JSON."""
     import copy
 
     tuned = copy.deepcopy(attn.TUNING)
-    for case in (args.pack_cases.split(",") if args.pack_cases else SWEEP_PACK_CASES):
-        cfg = CASES[case]
-        q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
-        sel = SELECTIONS[cfg["sel"]]
-        with torch.no_grad():
-            if cfg["data"] == "real":
-                from bench.real_selection import load
+    cases = args.pack_cases.split(",") if args.pack_cases else list(SWEEP_PACK_CASES)
+    inputs = {}
 
-                block_idx = load(cfg["sel"])[0].to("cuda")
-            else:
-                block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
-        do = torch.randn_like(q)
-        for name, over in SWEEP_PACK.items():
-            attn.TUNING.update(over)
-            row = dict(case=case, impl="sweep-pack", variant=name, tuning=str(over))
-            try:
-                fwd, fb = _sparse_calls(attn, q, k, v, block_idx, cu, cfg["seqlen"], do)
-                fb()
+    def case_inputs(case):
+        if case not in inputs:
+            cfg = CASES[case]
+            q, k, v, cu = make_inputs(cfg, "cuda", torch.bfloat16)
+            sel = SELECTIONS[cfg["sel"]]
+            with torch.no_grad():
+                if cfg["data"] == "real":
+                    from bench.real_selection import load
+
+                    block_idx = load(cfg["sel"])[0].to("cuda")
+                else:
+                    block_idx = kernels.infllm_v2_select(q, k, cu, cfg["seqlen"], impl="triton", check=False, **sel)
+            inputs.clear()          # one case's tensors at a time
+            inputs[case] = (q, k, v, cu, block_idx, torch.randn_like(q))
+        return inputs[case]
+
+    reference = {}
+
+    def outputs(fwd, do):
+        """The forward's output and the three gradients of one fwd+bwd, fp32 copies."""
+        qg, kg, vg = fwd.leaves
+        qg.grad = kg.grad = vg.grad = None
+        out = fwd()
+        out.backward(do)
+        return [t.detach().float() for t in (out, qg.grad, kg.grad, vg.grad)]
+
+    def time_variant(case, name, over, with_fwd=True):
+        q, k, v, cu, block_idx, do = case_inputs(case)
+        attn.TUNING.clear()
+        attn.TUNING.update(attn.merged_tuning(tuned, over))
+        row = dict(case=case, impl="sweep-pack", variant=name, tuning=str(over))
+        try:
+            fwd, fb = _sparse_calls(attn, q, k, v, block_idx, cu, CASES[case]["seqlen"], do)
+            # Launch parameters must not change the result beyond summation order: each variant's output and
+            # gradients against the first variant's, relative to the largest entry (bf16 inputs, fp32 sums).
+            got = outputs(fwd, do)
+            if case not in reference:
+                reference.clear()
+                reference[case] = got
+            err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+                      for a, b in zip(got, reference[case]))
+            row["max_rel_err_vs_first"] = err
+            del got
+            if not err < 2e-2:
+                raise AssertionError(f"result differs from the first variant's: max relative error {err:.3g}")
+            fb()
+            if with_fwd:
                 with torch.no_grad():
                     row["fwd_ms"] = time_ms(fwd, budget_ms=600)
-                row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1200)
-                row.update(pack_stats(block_idx, cu, q.shape[0], cfg["seqlen"], q.shape[1] // k.shape[1]))
-            except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            print(f"  pack {case:30s} {name:8s} fwd {row.get('fwd_ms', float('nan')):8.2f} fwd+bwd "
-                  f"{row.get('fwd_bwd_ms', float('nan')):8.2f} ms  wide share {row.get('wide_share', 0):.2f} "
-                  f"{row.get('error', '')[:300]}", flush=True)
-            results.append(row)
+            row["fwd_bwd_ms"] = time_ms(fb, budget_ms=1200)
+            row.update(pack_stats(block_idx, cu, q.shape[0], CASES[case]["seqlen"], q.shape[1] // k.shape[1]))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        finally:
             attn.TUNING.clear()
             attn.TUNING.update(copy.deepcopy(tuned))
-        del q, k, v, do, block_idx
-        torch.cuda.empty_cache()
+        print(f"  pack {case:30s} {name:16s} fwd {row.get('fwd_ms', float('nan')):8.2f} fwd+bwd "
+              f"{row.get('fwd_bwd_ms', float('nan')):8.2f} ms  wide share {row.get('wide_share', 0):.2f} "
+              f"{row.get('error', '')[:300]}", flush=True)
+        results.append(row)
+        return row.get("fwd_bwd_ms", float("inf"))
+
+    totals = {}
+    t_start = time.time()
+    for name, over in SWEEP_PACK.items():
+        if time.time() - t_start > args.sweep_s:
+            print(f"  pack: time guard ({args.sweep_s:.0f} s), '{name}' and later variants not timed", flush=True)
+            break
+        totals[name] = sum(time_variant(case, name, over) for case in cases)
+    if args.pick_out:
+        skip = set(filter(None, args.pick_skip.split(",")))
+        names = list(SWEEP_PACK)
+        base = totals[names[0]]
+        gains = sorted((t, n) for n, t in totals.items() if n not in skip and n != names[0] and t < 0.99 * base)
+        best, best_t = {}, base
+        for i, (t, name) in enumerate(gains):
+            if i == 0:
+                best, best_t = dict(SWEEP_PACK[name]), t
+                continue
+            trial = {**best, **SWEEP_PACK[name]}
+            if time.time() - t_start > args.sweep_s:
+                break
+            trial_t = sum(time_variant(case, f"combo{i}", trial, with_fwd=False) for case in cases)
+            if trial_t < best_t:
+                best, best_t = trial, trial_t
+        pick = {"attention": {k: ({str(d): list(c) for d, c in v.items()} if isinstance(v, dict) else v)
+                              for k, v in best.items()}} if best else {}
+        print(f"  pick: '{names[0]}' {base:.1f} ms summed, picked {best_t:.1f} ms: {pick or 'default'}", flush=True)
+        results.append(dict(impl="sweep-pick", cases=cases, base_ms=base, picked_ms=best_t, pick=pick))
+        with open(args.pick_out, "w") as fh:
+            json.dump(pick, fh)
+    inputs.clear()
+    torch.cuda.empty_cache()
 
 
 def _sparse_calls(attn_module, q, k, v, block_idx, cu, seqlen, do):
@@ -465,6 +533,7 @@ def _sparse_calls(attn_module, q, k, v, block_idx, cu, seqlen, do):
         qg.grad = kg.grad = vg.grad = None
         fwd().backward(do)
 
+    fwd.leaves = (qg, kg, vg)
     return fwd, fb
 
 
@@ -574,19 +643,22 @@ def main():
     ap.add_argument("--sweep-pack", action="store_true", help="time the query-tile packing variants first")
     ap.add_argument("--pack-variants", default="", help="JSON {name: TUNING overrides} replacing SWEEP_PACK")
     ap.add_argument("--pack-cases", default="", help="comma-separated cases of the packing sweep")
+    ap.add_argument("--pick-out", default="", help="with --sweep-pack: write the fastest greedy combination of the "
+                    "variants as bench/long_context.py --tuning JSON")
+    ap.add_argument("--pick-skip", default="", help="comma-separated variants timed but never picked")
+    ap.add_argument("--sweep-s", type=float, default=float("inf"), help="--sweep-pack starts no variant after this")
     ap.add_argument("--tuning", default="", help="JSON dict merged into kernels.infllm_v2.attention.TUNING")
     ap.add_argument("--ab", default="", help="another attention.py: time its sparse attention against this one on "
                     "--cases (interleaved) and stop")
     ap.add_argument("--ab-rounds", type=int, default=3, help="A/B rounds per case with --ab")
     args = ap.parse_args()
-    def tuning(text):
-        return {key: ({int(a): tuple(b) for a, b in val.items()} if isinstance(val, dict) else val)
-                for key, val in json.loads(text).items()}
     if args.tuning:
-        attn.TUNING.update(tuning(args.tuning))
+        merged = attn.merged_tuning(attn.TUNING, json.loads(args.tuning))
+        attn.TUNING.clear()
+        attn.TUNING.update(merged)
     if args.pack_variants:
         SWEEP_PACK.clear()
-        SWEEP_PACK.update({name: tuning(json.dumps(over)) for name, over in json.loads(args.pack_variants).items()})
+        SWEEP_PACK.update(json.loads(args.pack_variants))
     args.dense_cache = {}
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

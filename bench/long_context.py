@@ -6,6 +6,7 @@ InfLLM-V2, with the memory options (infllm/memory.py) on and off; and the fused-
     python bench/long_context.py --probe 8b8l:infllm_v2:all:128k-1m --out probe.json    # up until OOM
     python bench/long_context.py --case 1b:infllm_v2:128k:fused:16:none --out t.json   # 6th field: checkpoint_keep
     python bench/long_context.py --smoke                                # tiny model on CPU: the bench runs
+    python bench/long_context.py --tuning pick.json --case ...          # kernel launch overrides (--pick-out)
 
 Models (random weights, `model=smollm2_random` with `model.arch` overrides, fp32 master weights, bf16 autocast,
 gradient checkpointing, AdamW): `8b8l` Llama-3-8B cut to 8 layers (hidden 4096, 32 q / 8 kv heads, d 128, MLP
@@ -202,6 +203,7 @@ def run_case(model: str, attention: str, seq_len: int, options: str, steps: int,
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             step_s.append(time.perf_counter() - t0)
             row.setdefault("losses", []).append(round(out["loss"], 4))
+            row.setdefault("host_used_gib", []).append(host_used_gib())
         row["status"] = "ok"
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
@@ -333,6 +335,38 @@ def loss_grads_agree(vocab: int = 49152, hidden: int = 4096, n_tokens: int = 819
 
 
 # -- driver ---------------------------------------------------------------------------------------------------
+def host_used_gib() -> Optional[float]:
+    """Host memory in use (MemTotal - MemAvailable), GiB, after each step: a leak of host copies shows as growth."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in fh}
+        return round((info["MemTotal"] - info["MemAvailable"]) / 2**20, 1)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def apply_tuning(spec: str) -> Dict:
+    """--tuning: JSON text or a file of it, {"attention": {TUNING overrides}, "select": {"G_PAD,d": [block_t,
+    block_n, warps, stages]}} (what bench/kernels.py and bench/selection.py --pick-out write); returns it."""
+    from kernels.infllm_v2 import attention, select
+
+    text = open(spec).read() if os.path.exists(spec) else spec
+    try:
+        over = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--tuning {spec!r}: neither a file nor JSON ({e})")
+    unknown = set(over) - {"attention", "select"}
+    if unknown:
+        raise SystemExit(f"--tuning: unknown sections {sorted(unknown)}; expected 'attention' and/or 'select'")
+    merged = attention.merged_tuning(attention.TUNING, over.get("attention", {}))
+    attention.TUNING.clear()
+    attention.TUNING.update(merged)
+    for key, cfg in over.get("select", {}).items():
+        g_pad, d = (int(x) for x in key.split(","))
+        select.CONFIGS[(g_pad, d)] = select.SelectConfig(*cfg)
+    return over
+
+
 def card() -> Dict:
     info = dict(torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     try:
@@ -384,9 +418,12 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting cases after this many seconds")
     p.add_argument("--case-s", type=float, default=240, help="time guard of one case (steps are not started past)")
     p.add_argument("--smoke", action="store_true", help="tiny model, short rows, CPU: checks the bench runs")
+    p.add_argument("--tuning", action="append", default=[],
+                   help="kernel launch overrides: JSON or a file of it (bench/kernels.py / selection.py --pick-out)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     results = Results(args.out)
+    results.data["tuning"] = [apply_tuning(t) for t in args.tuning]
     t0 = time.perf_counter()
 
     def left() -> float:

@@ -25,6 +25,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import json  # noqa: E402
 if "--smoke" in sys.argv:  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from kernels.infllm_v2.select import SelectConfig, _select, default_config  # noqa: E402
 
 # name -> (H_q, H_kv, d)
-SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64)}
+SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64), "llama1b": (32, 8, 64)}
 # case name -> (shape, document length, documents)
 CASES = {
     "minicpm4-32kx8": ("minicpm4", 32768, 8),
@@ -43,6 +44,7 @@ CASES = {
     "llama3-32kx8": ("llama3", 32768, 8),
     "smollm2-32kx8": ("smollm2", 32768, 8),
     "smollm2-64kx4": ("smollm2", 65536, 4),
+    "llama1b-128kx1": ("llama1b", 131072, 1),       # Llama-3.2-1B's attention (bench/long_context.py's 1b)
 }
 SMOKE_CASES = {"smoke-g16": ("minicpm4", 700, 2), "smoke-g3": ("smollm2", 500, 2)}
 # Public anchor (H100, MiniCPM4 shape, a Triton NSA's top-k selection alone), ms.
@@ -75,9 +77,11 @@ def _time_ms(fn) -> float:
 
 
 def bench_select(cases=None, *, dtype=torch.bfloat16, selection=None, lse_approx=True, config=None,
-                 verbose=True) -> dict:
+                 verbose=True, reference: dict | None = None) -> dict:
     """Times `infllm_v2_select_triton` on each named case. Returns {case: {"ms", "peak_extra_mib",
-    "output_mib", "tokens", "shape", ...}}. `config` (a SelectConfig) overrides the launch parameters."""
+    "output_mib", "tokens", "shape", ...}}. `config` (a SelectConfig) overrides the launch parameters.
+    `reference` ({case: sorted ids}, filled on first use) adds "same_ids_share": the share of (head, token)
+    rows whose chosen blocks equal the reference's."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     smoke = not torch.cuda.is_available()
     if smoke and dtype == torch.bfloat16:
@@ -96,7 +100,16 @@ def bench_select(cases=None, *, dtype=torch.bfloat16, selection=None, lse_approx
         def call():
             return _select(q, k, cu, seq_len, lse_approx=lse_approx, softmax_scale=None, config=cfg, **selection)
 
-        call()  # compile
+        ids = call()  # compile
+        same = None
+        if reference is not None:
+            # Launch parameters change summation order only: the chosen blocks must agree with the reference
+            # config's (as sets per token and head; an exact score tie may rarely flip).
+            ids = ids.sort(dim=-1).values
+            if name not in reference:
+                reference[name] = ids
+            same = float((ids == reference[name]).all(dim=-1).float().mean())
+        del ids
         peak_mib = 0.0
         if device == "cuda":
             torch.cuda.synchronize()
@@ -111,7 +124,8 @@ def bench_select(cases=None, *, dtype=torch.bfloat16, selection=None, lse_approx
         row = dict(ms=ms, peak_extra_mib=peak_mib, output_mib=output_mib,
                    peak_extra_without_output_mib=max(0.0, peak_mib - output_mib), tokens=q.shape[0],
                    seq_len=seq_len, n_docs=n_docs, h_q=h_q, h_kv=h_kv, head_dim=d, dtype=str(dtype),
-                   lse_approx=lse_approx, k_eff=k_eff, config=cfg._asdict(), nsa_select_ms=NSA_SELECT_MS.get(name))
+                   lse_approx=lse_approx, k_eff=k_eff, config=cfg._asdict(), nsa_select_ms=NSA_SELECT_MS.get(name),
+                   same_ids_share=same)
         results[name] = row
         if verbose:
             print(f"  {name}: {ms:.2f} ms, peak extra {peak_mib:.0f} MiB (output {output_mib:.0f} MiB), "
@@ -120,24 +134,60 @@ def bench_select(cases=None, *, dtype=torch.bfloat16, selection=None, lse_approx
     return results
 
 
-def sweep_configs(case: str, *, dtype=torch.bfloat16, selection=None, lse_approx=True) -> dict:
-    """A few launch configs on one case (each compiles once): {config tuple as str: ms}."""
+def sweep_configs(case: str, *, dtype=torch.bfloat16, selection=None, lse_approx=True,
+                  budget_s: float = float("inf")) -> dict:
+    """A few launch configs on one case (each compiles once), the default first: {config tuple as str: ms}.
+    No config is started after `budget_s` seconds."""
+    import time
+
     h_q, h_kv, d = SHAPES[CASES[case][0]]
-    g_pad = 1 << max(0, (h_q // h_kv - 1).bit_length())
-    out = {}
+    group = h_q // h_kv
+    g_pad = 1 << max(0, (group - 1).bit_length())
+    sel = dict(DEFAULT_SELECTION, **(selection or {}))
+    configs = [default_config(group, d, sel["block_size"], sel["kernel_stride"])]
     for block_t in sorted({max(8, 128 // g_pad), max(8, 256 // g_pad), max(8, 64 // g_pad)}):
-        for block_n, warps in ((64, 4), (64, 8), (128, 8)):
-            cfg = SelectConfig(block_t=min(block_t, 64), block_n=block_n, num_warps=warps, num_stages=2)
-            if str(tuple(cfg)) in out:
-                continue
-            try:
-                ms = bench_select([case], dtype=dtype, selection=selection, lse_approx=lse_approx, config=cfg,
-                                  verbose=False)[case]["ms"]
-            except Exception as exc:  # a config that does not compile or run is reported, not fatal
-                ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-            out[str(tuple(cfg))] = ms
-            print(f"  sweep {case} {tuple(cfg)}: {ms}", flush=True)
+        for block_n, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 2)):
+            configs.append(SelectConfig(block_t=min(block_t, 64), block_n=block_n, num_warps=warps,
+                                        num_stages=stages))
+    out, reference = {}, {}
+    t_start = time.time()
+    for cfg in configs:
+        if str(tuple(cfg)) in out:
+            continue
+        if time.time() - t_start > budget_s:
+            print(f"  sweep: time guard ({budget_s:.0f} s), {cfg} and later configs not timed", flush=True)
+            break
+        try:
+            row = bench_select([case], dtype=dtype, selection=selection, lse_approx=lse_approx, config=cfg,
+                               verbose=False, reference=reference)[case]
+            # A config whose blocks differ from the default's is wrong, whatever its speed.
+            ms = row["ms"] if row["same_ids_share"] >= 0.999 else f"wrong: same ids for {row['same_ids_share']:.4f}"
+        except Exception as exc:  # a config that does not compile or run is reported, not fatal
+            ms = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        out[str(tuple(cfg))] = ms
+        print(f"  sweep {case} {tuple(cfg)}: {ms}", flush=True)
     return out
+
+
+def write_pick(case: str, timings: dict, path: str) -> dict:
+    """The sweep's fastest config as `{"select": {"G_PAD,d": [block_t, block_n, warps, stages]}}` (what
+    bench/long_context.py --tuning takes), or `{}` when it is within 2% of the default config's time."""
+    h_q, h_kv, d = SHAPES[CASES[case][0]]
+    group = h_q // h_kv
+    sel = dict(DEFAULT_SELECTION)
+    base = str(tuple(default_config(group, d, sel["block_size"], sel["kernel_stride"])))
+    ok = {cfg: ms for cfg, ms in timings.items() if isinstance(ms, float)}
+    pick = {}
+    if ok and base in ok:
+        best = min(ok, key=ok.get)
+        if ok[best] < 0.98 * ok[base]:
+            g_pad = 1 << max(0, (group - 1).bit_length())
+            pick = {"select": {f"{g_pad},{d}": list(ast.literal_eval(best))}}
+        print(f"  pick: default {base} {ok[base]:.2f} ms, fastest {best} {ok[best]:.2f} ms -> {pick or 'default'}",
+              flush=True)
+    with open(path, "w") as fh:
+        json.dump(pick, fh)
+    return pick
 
 
 def format_table(results: dict) -> str:
@@ -160,6 +210,9 @@ def main():
     ap.add_argument("--exact-lse", action="store_true", help="lse_approx=False")
     ap.add_argument("--sweep", default=None, help="case on which to time a few launch configs")
     ap.add_argument("--smoke", action="store_true", help="tiny cases on CPU under the Triton interpreter")
+    ap.add_argument("--sweep-s", type=float, default=float("inf"), help="--sweep starts no config after this")
+    ap.add_argument("--pick-out", default=None, help="with --sweep: write the fastest config, when it beats the "
+                    "default by over 2%%, as bench/long_context.py --tuning JSON")
     args = ap.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -175,7 +228,9 @@ def main():
                   dtype=args.dtype, lse_approx=not args.exact_lse)
     if args.sweep:
         report["sweep"] = {args.sweep: sweep_configs(args.sweep, dtype=dtype, selection=selection,
-                                                     lse_approx=not args.exact_lse)}
+                                                     lse_approx=not args.exact_lse, budget_s=args.sweep_s)}
+        if args.pick_out:
+            report["pick"] = write_pick(args.sweep, report["sweep"][args.sweep], args.pick_out)
     results = bench_select(cases, dtype=dtype, selection=selection, lse_approx=not args.exact_lse)
     report["results"] = results
     with open(args.out, "w") as f:

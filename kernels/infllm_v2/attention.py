@@ -93,6 +93,22 @@ TUNING = {
 }
 
 
+def merged_tuning(base: dict, over: dict) -> dict:
+    """`base` with `over`'s entries: a per-head-dim table (e.g. "dkdv") is updated entry by entry, so that
+    {"dkdv": {64: (4, 2)}} leaves d 128 as it was; keys may be strings ("64") and values lists (from JSON)."""
+    out = {key: dict(val) if isinstance(val, dict) else val for key, val in base.items()}
+    for key, val in over.items():
+        if key not in out:
+            raise KeyError(f"TUNING has no entry {key!r}; known: {sorted(out)}")
+        if isinstance(out[key], dict):
+            if not isinstance(val, dict):
+                raise TypeError(f"TUNING[{key!r}] is a table per head dim, got {val!r}")
+            out[key].update({int(d): tuple(cfg) for d, cfg in val.items()})
+        else:
+            out[key] = val
+    return out
+
+
 # Allocation hooks: tests swap them for NaN-filled buffers to catch anything left unwritten.
 _empty = torch.empty
 _empty_like = torch.empty_like

@@ -329,12 +329,19 @@ class SelectConfig(NamedTuple):
     num_stages: int
 
 
+# Measured launch parameters per (G_PAD, head_dim) that replace the formula of `default_config` on the GPU
+# (bench/selection.py --sweep finds them; bench/long_context.py --tuning sets them for a run).
+CONFIGS: dict[tuple[int, int], SelectConfig] = {}
+
+
 def default_config(group: int, head_dim: int, block_size: int, kernel_stride: int) -> SelectConfig:
     g_pad = _next_pow2(group)
     kpb = block_size // kernel_stride
     if _interpreting():
         # Few, large programs: the interpreter pays per operation, not per element.
         return SelectConfig(block_t=64, block_n=max(64, kpb), num_warps=4, num_stages=1)
+    if (g_pad, head_dim) in CONFIGS:
+        return CONFIGS[(g_pad, head_dim)]
     # About 128 rows per tile, at least 8 tokens (the head-sum matmul's N).
     block_t = min(64, max(8, 128 // g_pad))
     return SelectConfig(block_t=block_t, block_n=max(64, kpb), num_warps=4, num_stages=2)
