@@ -330,8 +330,11 @@ class SelectConfig(NamedTuple):
 
 
 # Measured launch parameters per (G_PAD, head_dim) that replace the formula of `default_config` on the GPU
-# (bench/selection.py --sweep finds them; bench/long_context.py --tuning sets them for a run).
-CONFIGS: dict[tuple[int, int], SelectConfig] = {}
+# (bench/selection.py --sweep finds them; bench/long_context.py --tuning sets more for a run).
+# (4, 64): Llama-3.2-1B's 32 / 8 heads of d 64 at 128k, H200: 16 tokens a tile (64 rows) 24.1 ms against the
+# formula's 32 (26.0 ms); 8 warps or 3 stages were slower (bench/README.md, "Selection").
+CONFIGS: dict[tuple[int, int], SelectConfig] = {(4, 64): SelectConfig(block_t=16, block_n=64, num_warps=4,
+                                                                      num_stages=2)}
 
 
 def default_config(group: int, head_dim: int, block_size: int, kernel_stride: int) -> SelectConfig:

@@ -395,3 +395,18 @@ def test_sparse_plan_tile_sizes():
     for (rows_n, tok_n), wide in plans.values():
         if wide is not None:
             assert wide[1] % tok_n == 0 and wide[1] <= 16
+
+
+def test_merged_tuning_updates_per_head_dim_tables():
+    """A JSON-born override (string head dims, list configs) changes one entry of a per-head-dim table and
+    leaves the rest and the base as they were; unknown keys and a scalar for a table are refused."""
+    base = attn.TUNING
+    before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    merged = attn.merged_tuning(base, {"dkdv": {"64": [4, 2]}, "pack_cost": 1.0})
+    assert merged["dkdv"] == {**before["dkdv"], 64: (4, 2)} and merged["dkdv"][128] == before["dkdv"][128]
+    assert merged["pack_cost"] == 1.0
+    assert base == before
+    with pytest.raises(KeyError, match="no_such_knob"):
+        attn.merged_tuning(base, {"no_such_knob": 1})
+    with pytest.raises(TypeError, match="dkdv"):
+        attn.merged_tuning(base, {"dkdv": 3})

@@ -214,3 +214,40 @@ def test_select_long_document_planted_needle(dtype):
         rtol = max(rtol, 2 * dev)
     assert_selection_matches_by_score(idx.cpu(), scores, cu.cpu(), block_size=64, init_blocks=1, window_size=512,
                                       topk=24, rtol=rtol)
+
+
+def test_measured_config_replaces_the_formula(monkeypatch):
+    """select.CONFIGS (set by bench/long_context.py --tuning) overrides the launch formula on the GPU for its
+    (G_PAD, head_dim) only; the interpreter keeps its own few-large-programs config."""
+    from kernels.infllm_v2 import select
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delitem(select.CONFIGS, (4, 128), raising=False)
+    formula = select.default_config(4, 128, 64, 16)
+    assert formula == (32, 64, 4, 2)                                     # about 128 rows of 4 heads
+    monkeypatch.setitem(select.CONFIGS, (4, 64), select.SelectConfig(16, 128, 4, 3))
+    assert select.default_config(4, 64, 64, 16) == (16, 128, 4, 3)
+    assert select.default_config(3, 64, 64, 16) == (16, 128, 4, 3)      # G 3 pads to 4
+    assert select.default_config(4, 128, 64, 16) == formula              # another head dim: the formula
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select.default_config(4, 64, 64, 16).num_stages == 1
+
+
+@pytest.mark.parametrize("key", sorted(__import__("kernels.infllm_v2.select", fromlist=["CONFIGS"]).CONFIGS),
+                         ids=lambda key: f"gpad{key[0]}-d{key[1]}")
+def test_measured_configs_select_by_score(key):
+    """Each measured GPU launch config (its BLOCK_T tiling, not the interpreter's) selects the top blocks by
+    score, on uneven documents of G 3 and G 4 at its head dim, into a poisoned output."""
+    from kernels.infllm_v2.select import CONFIGS
+
+    g_pad, d = key
+    cfg = CONFIGS[key]._replace(num_stages=1)
+    for h_q, h_kv, doc_lens in ((g_pad * 2, 2, [700, 37, 290]), (3 * 2, 2, [520, 64])):
+        if h_q // h_kv > g_pad or 2 * (h_q // h_kv) <= g_pad:
+            continue
+        q, k, cu, max_len = make_inputs(doc_lens, h_q, h_kv, d)
+        k_eff = CFG_MINICPM["topk"] + CFG_MINICPM["window_size"] // CFG_MINICPM["block_size"]
+        out = torch.full((h_kv, q.shape[0], k_eff), -2, dtype=torch.int32, device=q.device)
+        idx = _select(q, k, cu, max_len, lse_approx=True, softmax_scale=None, config=cfg, out=out, **CFG_MINICPM)
+        assert not (idx == -2).any(), "unwritten output slots"
+        check_by_score(idx, q, k, cu, CFG_MINICPM, True, RTOL[torch.float32])
