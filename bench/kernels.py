@@ -501,19 +501,15 @@ def sweep_pack(args, results):
         names = list(SWEEP_PACK)
         base = totals[names[0]]
         gains = sorted((t, n) for n, t in totals.items() if n not in skip and n != names[0] and t < 0.99 * base)
-        best, best_t = {}, base
-        for i, (t, name) in enumerate(gains):
-            if i == 0:
-                best, best_t = dict(SWEEP_PACK[name]), t
-                continue
-            trial = {**best, **SWEEP_PACK[name]}
+        best, best_t = ({**SWEEP_PACK[gains[0][1]]}, gains[0][0]) if gains else ({}, base)
+        for i, (_, name) in enumerate(gains[1:], start=1):
             if time.time() - t_start > args.sweep_s:
                 break
+            trial = {**best, **SWEEP_PACK[name]}
             trial_t = sum(time_variant(case, f"combo{i}", trial, with_fwd=False) for case in cases)
             if trial_t < best_t:
                 best, best_t = trial, trial_t
-        pick = {"attention": {k: ({str(d): list(c) for d, c in v.items()} if isinstance(v, dict) else v)
-                              for k, v in best.items()}} if best else {}
+        pick = {"attention": best} if best else {}      # JSON: head-dim keys as strings, configs as lists
         print(f"  pick: '{names[0]}' {base:.1f} ms summed, picked {best_t:.1f} ms: {pick or 'default'}", flush=True)
         results.append(dict(impl="sweep-pick", cases=cases, base_ms=base, picked_ms=best_t, pick=pick))
         with open(args.pick_out, "w") as fh:

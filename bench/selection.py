@@ -32,7 +32,7 @@ if "--smoke" in sys.argv:  # must precede the first triton import
 
 import torch  # noqa: E402
 
-from kernels.infllm_v2.select import SelectConfig, _select, default_config  # noqa: E402
+from kernels.infllm_v2.select import SelectConfig, _next_pow2, _select, default_config  # noqa: E402
 
 # name -> (H_q, H_kv, d)
 SHAPES = {"minicpm4": (32, 2, 128), "llama3": (32, 8, 128), "smollm2": (9, 3, 64), "llama1b": (32, 8, 64)}
@@ -142,7 +142,7 @@ def sweep_configs(case: str, *, dtype=torch.bfloat16, selection=None, lse_approx
 
     h_q, h_kv, d = SHAPES[CASES[case][0]]
     group = h_q // h_kv
-    g_pad = 1 << max(0, (group - 1).bit_length())
+    g_pad = _next_pow2(group)
     sel = dict(DEFAULT_SELECTION, **(selection or {}))
     configs = [default_config(group, d, sel["block_size"], sel["kernel_stride"])]
     for block_t in sorted({max(8, 128 // g_pad), max(8, 256 // g_pad), max(8, 64 // g_pad)}):
@@ -173,16 +173,13 @@ def write_pick(case: str, timings: dict, path: str) -> dict:
     """The sweep's fastest config as `{"select": {"G_PAD,d": [block_t, block_n, warps, stages]}}` (what
     bench/long_context.py --tuning takes), or `{}` when it is within 2% of the default config's time."""
     h_q, h_kv, d = SHAPES[CASES[case][0]]
-    group = h_q // h_kv
-    sel = dict(DEFAULT_SELECTION)
-    base = str(tuple(default_config(group, d, sel["block_size"], sel["kernel_stride"])))
+    base = next(iter(timings), None)     # sweep_configs times the default config first
     ok = {cfg: ms for cfg, ms in timings.items() if isinstance(ms, float)}
     pick = {}
-    if ok and base in ok:
+    if base in ok:
         best = min(ok, key=ok.get)
         if ok[best] < 0.98 * ok[base]:
-            g_pad = 1 << max(0, (group - 1).bit_length())
-            pick = {"select": {f"{g_pad},{d}": list(ast.literal_eval(best))}}
+            pick = {"select": {f"{_next_pow2(h_q // h_kv)},{d}": list(ast.literal_eval(best))}}
         print(f"  pick: default {base} {ok[base]:.2f} ms, fastest {best} {ok[best]:.2f} ms -> {pick or 'default'}",
               flush=True)
     with open(path, "w") as fh:

@@ -13,7 +13,7 @@ import torch
 from kernels.infllm_v2 import naive
 from kernels.infllm_v2.naive import block_scores_doc, infllm_v2_select_naive
 from kernels.infllm_v2._validate import check_sparse_config
-from kernels.infllm_v2.select import _select, infllm_v2_select_triton
+from kernels.infllm_v2.select import CONFIGS, _select, infllm_v2_select_triton
 from tests.conftest import DEVICE, HAS_CUDA, requires_cuda
 from tests.kernels.oracle import (
     assert_selection_matches_by_score,
@@ -233,13 +233,10 @@ def test_measured_config_replaces_the_formula(monkeypatch):
     assert select.default_config(4, 64, 64, 16).num_stages == 1
 
 
-@pytest.mark.parametrize("key", sorted(__import__("kernels.infllm_v2.select", fromlist=["CONFIGS"]).CONFIGS),
-                         ids=lambda key: f"gpad{key[0]}-d{key[1]}")
+@pytest.mark.parametrize("key", sorted(CONFIGS), ids=lambda key: f"gpad{key[0]}-d{key[1]}")
 def test_measured_configs_select_by_score(key):
     """Each measured GPU launch config (its BLOCK_T tiling, not the interpreter's) selects the top blocks by
     score, on uneven documents of G 3 and G 4 at its head dim, into a poisoned output."""
-    from kernels.infllm_v2.select import CONFIGS
-
     g_pad, d = key
     cfg = CONFIGS[key]._replace(num_stages=1)
     for h_q, h_kv, doc_lens in ((g_pad * 2, 2, [700, 37, 290]), (3 * 2, 2, [520, 64])):
